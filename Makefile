@@ -1,0 +1,33 @@
+# Set-up and entry points. `make demo` and `make test` install everything they need on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: install data test demo clean
+
+install: $(VENV)/.installed data
+
+# torch and torchvision come from PyPI together (a CPU-only torch breaks PyPI's torchvision at import).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,trt-rtx]'
+	touch $@
+
+# Debian's dataset-fashion-mnist: installed when missing and we are root; otherwise say how.
+data:
+	@if [ -f $(FASHION_MNIST) ] || [ -n "$$QVIT_FASHION_MNIST" ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; fi
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	$(PY) -m qvit_export.demo
+
+clean:
+	rm -rf $(VENV) .cache runs *.egg-info

@@ -1,0 +1,137 @@
+"""Self-describing checkpoints: one file that rebuilds the model with nothing else at hand.
+
+Layout (plain containers and tensors only, so ``torch.load(weights_only=True)`` reads it without pickle code):
+    {"format": "qvit-export-checkpoint", "version": 1,
+     "model": {"name": timm name, "kwargs": {...}},
+     "quant": QuantConfig as a dict, or None for an FP model,
+     "state_dict": {...}, "metrics": {...}, "extra": {...}}
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import QuantConfig
+from .errors import QvitError
+
+FORMAT = "qvit-export-checkpoint"
+VERSION = 1
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, model: nn.Module, metrics: dict | None = None, extra: dict | None = None,
+                    model_name: str | None = None, model_kwargs: dict | None = None) -> Path:
+    """Write ``model`` (FP or quantized) to ``path`` atomically.
+
+    The timm name and kwargs come from ``qvit_export.create_model`` or from ``model_name``/``model_kwargs``.
+    """
+    source = getattr(model, "qvit_source", None)
+    if model_name is not None:
+        source = {"name": model_name, "kwargs": dict(model_kwargs or {})}
+    if source is None:
+        raise QvitError("cannot tell which timm model this is: build it with qvit_export.create_model, "
+                        "or pass model_name= and model_kwargs= to save_checkpoint")
+    cfg = getattr(model, "qvit_config", None)
+    state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {"name": source["name"], "kwargs": dict(source["kwargs"])},
+        "quant": cfg.to_dict() if cfg is not None else None,
+        "state_dict": state,
+        "metrics": dict(metrics or {}),
+        "extra": dict(extra or {}),
+    }
+    path = Path(path)
+    _atomic_torch_save(payload, path)
+    return path
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only=True, every failure turned into one line that says what to do."""
+    if not path.is_file():
+        raise QvitError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise QvitError(f"{path} needs pickle code to load, which is refused for safety: re-save it as a plain "
+                            "state dict or with qvit_export.save_checkpoint") from None
+        raise QvitError(f"{path} is corrupt (unpickling failed): write the checkpoint again") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise QvitError(f"{path} is truncated or not a PyTorch file ({type(e).__name__}): write the checkpoint "
+                        "again") from None
+
+
+def load_state_dict_file(path) -> dict:
+    """A plain state dict (or a dict holding one under 'state_dict' or 'model'), e.g. timm FP weights."""
+    path = Path(path)
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = obj["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise QvitError(f"{path} holds no state dict of tensors: pass a timm weights file")
+    return obj
+
+
+def read_checkpoint(path) -> dict:
+    """The checkpoint's contents, checked to be a qvit-export checkpoint of a version we read."""
+    path = Path(path)
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise QvitError(f"{path} is not a qvit-export checkpoint (a bare state dict?): load timm weights with "
+                        "qvit_export.create_model(name, weights=...) instead")
+    if ckpt.get("version") != VERSION:
+        raise QvitError(f"{path} is checkpoint format version {ckpt.get('version')}, this qvit-export reads "
+                        f"version {VERSION}: use the qvit-export release that wrote it")
+    missing = [k for k in ("model", "quant", "state_dict") if k not in ckpt]
+    if missing:
+        raise QvitError(f"{path} is missing {', '.join(missing)}: the file is damaged, write it again")
+    return ckpt
+
+
+def load_checkpoint(path) -> nn.Module:
+    """Rebuild the model a checkpoint describes (quantized if it was) and load its weights; eval mode.
+
+    The checkpoint's metrics and extra data are on ``model.qvit_checkpoint``.
+    """
+    from .quantize import quantize
+    from .timm_models import create_model
+
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    model = create_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"])
+    if ckpt["quant"] is not None:
+        model = quantize(model, QuantConfig.from_dict(ckpt["quant"]), inplace=True)
+    # Compare keys ourselves: quantizers tolerate absent entries (for timm FP weights), a checkpoint must not.
+    expected, stored = set(model.state_dict()), set(ckpt["state_dict"])
+    if expected != stored:
+        raise QvitError(f"{path} does not match {ckpt['model']['name']}: missing {sorted(expected - stored)[:3]}, "
+                        f"unexpected {sorted(stored - expected)[:3]}: the file was written for another model")
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise QvitError(f"{path} does not match {ckpt['model']['name']}: {detail}") from None
+    model.qvit_checkpoint = {k: ckpt[k] for k in ("metrics", "extra")} | {"path": str(path)}
+    return model.eval()

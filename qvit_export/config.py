@@ -1,0 +1,61 @@
+"""Frozen settings of the quantization scheme (DESIGN.md §3: deployable by TensorRT by construction)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .errors import QvitError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+CALIBRATION_METHODS = ("mse", "lsq", "percentile")
+
+
+def check_bits(name: str, bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise QvitError(f"{name}={bits!r} is not supported: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Weights: symmetric, one LSQ step per output channel. Activations: symmetric, one step per tensor,
+    zero point 0, signed or unsigned as calibration finds. Layers whose module name starts with an
+    entry of ``keep_8bit`` (patch embedding and classifier heads, as in the paper) use ``edge_bits``.
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    irm: bool = True
+    edge_bits: int = 8
+    keep_8bit: tuple[str, ...] = ("patch_embed", "head", "head_dist")
+    calibration: str = "mse"
+
+    def __post_init__(self):
+        for f in ("w_bits", "a_bits", "edge_bits"):
+            check_bits(f, getattr(self, f))
+        if not isinstance(self.irm, bool):
+            raise QvitError(f"irm={self.irm!r} must be True or False")
+        if self.calibration not in CALIBRATION_METHODS:
+            raise QvitError(f"calibration={self.calibration!r} is unknown: choose one of {', '.join(CALIBRATION_METHODS)}")
+        # A list from YAML or JSON is accepted; store a tuple so the config stays hashable.
+        object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
+
+    def bits_for(self, module_name: str) -> tuple[int, int]:
+        """(weight bits, input bits) for the layer called ``module_name``."""
+        if any(module_name == p or module_name.startswith(p + ".") for p in self.keep_8bit):
+            return self.edge_bits, self.edge_bits
+        return self.w_bits, self.a_bits
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep_8bit"] = list(self.keep_8bit)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise QvitError(f"unknown QuantConfig keys {unknown}: known keys are {sorted(known)}")
+        return cls(**d)

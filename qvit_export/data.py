@@ -1,0 +1,82 @@
+"""Real data: Fashion-MNIST from its IDX files, and scikit-image's bundled photographs through timm's
+eval transform for a given model."""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from .errors import QvitError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts it
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+# scikit-image ships these photographs inside the wheel (others are fetched at run time, which fails offline).
+PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "hubble_deep_field", "immunohistochemistry",
+          "coins", "moon", "page", "text", "clock", "brick", "grass", "gravel", "retina", "cell")
+
+
+def fashion_mnist_dir(root=None) -> Path:
+    return Path(root or os.environ.get("QVIT_FASHION_MNIST") or FASHION_MNIST_DIR)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One IDX file (optionally gzipped): magic 0x00 0x00 dtype ndim, big-endian uint32 dims, then data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise QvitError(f"{path} is not an unsigned-byte IDX file: re-install dataset-fashion-mnist")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4).astype(int)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise QvitError(f"{path} is truncated ({data.size} of {int(np.prod(dims))} values): re-install it")
+    return data.reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise QvitError(f"Fashion-MNIST not found ({stem}[.gz] missing in {root}): run "
+                    "'apt-get install dataset-fashion-mnist' or set QVIT_FASHION_MNIST to the folder of the IDX files")
+
+
+def fashion_mnist(split: str = "train", root=None, limit: int | None = None) -> TensorDataset:
+    """Images as normalised float tensors [N, 1, 28, 28] with int64 labels, held in memory."""
+    if split not in _FILES:
+        raise QvitError(f"split {split!r} is unknown: choose train or test")
+    root = fashion_mnist_dir(root)
+    images, labels = (read_idx(_find(root, stem)) for stem in _FILES[split])
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = torch.from_numpy(images.copy()).float().div_(255).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
+    return TensorDataset(x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+
+
+def photo_batch(model, names=PHOTOS) -> torch.Tensor:
+    """scikit-image photographs as one batch, preprocessed by timm's eval transform for ``model``
+    (resize, centre crop and normalisation resolved from the model's pretrained config)."""
+    import skimage.data
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    transform = create_transform(**cfg, is_training=False)
+    mode = "L" if cfg["input_size"][0] == 1 else "RGB"
+    images = []
+    for name in names:
+        array = getattr(skimage.data, name)()
+        if array.dtype != np.uint8:
+            array = (array * 255).astype(np.uint8)
+        images.append(transform(Image.fromarray(array).convert(mode)))
+    return torch.stack(images)

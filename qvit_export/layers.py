@@ -1,0 +1,136 @@
+"""Quantized drop-ins for the timm layers of DeiT and Swin.
+
+Each class subclasses the timm/torch class it replaces and is installed by swapping ``__class__`` on the
+existing module (see quantize.py), so parameter names, and therefore state-dict keys, stay timm's.
+With every quantizer off (and IRM off), each layer runs timm's own code path and gives bit-identical outputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.swin_transformer import WindowAttention
+from torch import nn
+
+from .lsq import LSQQuantizer
+
+
+def _weight_quantizer(weight: torch.Tensor, bits: int, name: str) -> LSQQuantizer:
+    step_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)  # one step per output channel
+    return LSQQuantizer(bits, step_shape, signed=True, name=name + ".weight_quantizer")
+
+
+class QuantLinear(nn.Linear):
+    """nn.Linear with an LSQ quantizer on its input (per tensor) and its weight (per output channel)."""
+
+    def attach_quantizers(self, w_bits: int, a_bits: int, name: str) -> None:
+        self.input_quantizer = LSQQuantizer(a_bits, name=name + ".input_quantizer")
+        self.weight_quantizer = _weight_quantizer(self.weight, w_bits, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(nn.Conv2d):
+    """nn.Conv2d (the patch embedding) with LSQ quantizers on its input and weight."""
+
+    def attach_quantizers(self, w_bits: int, a_bits: int, name: str) -> None:
+        self.input_quantizer = LSQQuantizer(a_bits, name=name + ".input_quantizer")
+        self.weight_quantizer = _weight_quantizer(self.weight, w_bits, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class IRMNorm(nn.LayerNorm):
+    """IRM: a learnable LayerNorm over head_dim on queries or keys, before their quantizer.
+
+    ``fitted`` is False until calibration sets gamma and beta from data so that the normalised tensor is as
+    close as possible to the original one (least squares per channel); a timm FP state dict, which has no
+    entry for it, leaves it unfitted instead of failing to load.
+    """
+
+    def __init__(self, head_dim: int, eps: float = 1e-6):
+        super().__init__(head_dim, eps=eps)
+        self.fitted = False
+
+    def get_extra_state(self) -> dict:
+        return {"fitted": self.fitted}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.fitted = bool(state["fitted"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if not any(k.startswith(prefix) for k in state_dict):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+class QuantAttentionMixin:
+    """Quantizers on q (after IRM and the folded attention scale), k, v and the softmax output."""
+
+    def attach_quantizers(self, a_bits: int, irm: bool, head_dim: int, name: str) -> None:
+        for part in ("q", "k", "v", "attn"):
+            setattr(self, f"{part}_quantizer", LSQQuantizer(a_bits, name=f"{name}.{part}_quantizer"))
+        if irm and isinstance(getattr(self, "q_norm", None), (nn.Identity, type(None))):
+            self.q_norm, self.k_norm = IRMNorm(head_dim), IRMNorm(head_dim)
+        elif not hasattr(self, "q_norm"):
+            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+
+        # Set while calibrating, so the q/k/v/softmax quantizers see their inputs even when switched off.
+        self.force_explicit = False
+
+    @property
+    def explicit(self) -> bool:
+        """Whether to run the explicit matmul path (timm may otherwise use fused SDPA)."""
+        return self.force_explicit or any(getattr(self, f"{p}_quantizer").enabled for p in ("q", "k", "v", "attn"))
+
+    def quantized_attention(self, q, k, v, add_bias=None) -> torch.Tensor:
+        """softmax(Q(s·q) · Q(k)ᵀ + bias) → Q → · Q(v). The scale is applied before q's quantizer so that,
+        once exported, the DequantizeLinear feeds the MatMul directly (TensorRT's fusion pattern)."""
+        q = self.q_quantizer(self.q_norm(q) * self.scale)
+        attn = q @ self.k_quantizer(self.k_norm(k)).transpose(-2, -1)
+        if add_bias is not None:
+            attn = add_bias(attn)
+        attn = self.attn_quantizer(attn.softmax(dim=-1))
+        attn = self.attn_drop(attn)
+        return attn @ self.v_quantizer(v)
+
+
+class QuantAttention(QuantAttentionMixin, Attention):
+    """timm ViT/DeiT attention with explicit, quantized matmuls; IRM in timm's q_norm/k_norm slots."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if not self.explicit:
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("quantized attention supports no attention mask (ViT/DeiT use none)")
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        x = self.quantized_attention(q, k, v)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class QuantWindowAttention(QuantAttentionMixin, WindowAttention):
+    """timm Swin window attention (relative position bias, shifted-window mask), quantized."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.explicit and isinstance(self.q_norm, nn.Identity):
+            return super().forward(x, mask)
+        B_, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+
+        def add_bias(attn):  # the same additions, in the same order, as timm's unfused path
+            attn = attn + self._get_rel_pos_bias()
+            if mask is not None:
+                num_win = mask.shape[0]
+                attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+                attn = attn.view(-1, self.num_heads, N, N)
+            return attn
+
+        x = self.quantized_attention(q, k, v, add_bias)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, -1)))

@@ -1,0 +1,117 @@
+"""The LSQ quantizer (Esser et al., ICLR 2020): a learned step, symmetric, zero point 0.
+
+forward:  x_hat = clamp(round(x / s), qmin, qmax) * s     (round half to even, as ONNX and TensorRT)
+backward: straight-through for round; dx = 1 inside the range, 0 outside;
+          ds = (round(x/s) - x/s) inside, qmin or qmax outside, times g = 1 / sqrt(N * qmax).
+
+Weights use one step per output channel (axis 0), activations one step per tensor. Signed codes span
+[-2^(b-1), 2^(b-1) - 1]; unsigned codes [0, 2^b - 1], except at 8 bits where [0, 127] keeps the codes in
+INT8 with a zero point of 0 (TensorRT has no UINT8 quantization).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import check_bits
+from .errors import QvitError
+
+
+def _scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Identity in the forward pass, gradient multiplied by g in the backward pass."""
+    return (x - x * g).detach() + x * g
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() whose gradient is the identity (straight-through estimator)."""
+    return (x.round() - x).detach() + x
+
+
+def code_range(bits: int, signed: bool) -> tuple[int, int]:
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, min(2**bits - 1, 127)
+
+
+class LSQQuantizer(nn.Module):
+    """Fake-quantizes its input with a learned step.
+
+    ``step_shape`` is ``()`` for a per-tensor quantizer, or the shape that broadcasts one step per output
+    channel over a weight (``(C_out, 1)`` for Linear, ``(C_out, 1, 1, 1)`` for Conv2d). Until calibration sets
+    the step (``initialized``), an enabled quantizer refuses to run. ``enabled = False`` makes it the identity.
+    """
+
+    def __init__(self, bits: int, step_shape: tuple[int, ...] = (), signed: bool = True, name: str = ""):
+        super().__init__()
+        self.bits = check_bits("bits", bits)
+        self.signed = bool(signed)
+        self.name = name
+        self.enabled = True
+        self.initialized = False
+        self.step = nn.Parameter(torch.ones(step_shape))
+
+    @property
+    def per_channel(self) -> bool:
+        return self.step.dim() > 0
+
+    @property
+    def qmin(self) -> int:
+        return code_range(self.bits, self.signed)[0]
+
+    @property
+    def qmax(self) -> int:
+        return code_range(self.bits, self.signed)[1]
+
+    def scale(self) -> torch.Tensor:
+        """The step the exporter writes as the QuantizeLinear/DequantizeLinear scale."""
+        return self.step.detach().clamp_min(torch.finfo(self.step.dtype).tiny)
+
+    def int_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes of ``x`` (int32): what an INT8/INT4 tensor in the deployed graph holds."""
+        with torch.no_grad():
+            return torch.clamp(torch.round(x / self.scale()), self.qmin, self.qmax).to(torch.int32)
+
+    def set_step(self, step: torch.Tensor, signed: bool | None = None) -> None:
+        if signed is not None:
+            self.signed = bool(signed)
+        with torch.no_grad():
+            self.step.copy_(step.reshape(self.step.shape))
+        self.initialized = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self.initialized:
+            raise QvitError(f"quantizer '{self.name}' has no step yet: run qvit_export.calibrate(model, batches) first")
+        # N: elements that share one step (per sample for activations, per channel for weights).
+        n = x.numel() / (self.step.numel() if self.per_channel else x.shape[0])
+        s = _scale_grad(self.step.clamp_min(torch.finfo(self.step.dtype).tiny), 1.0 / math.sqrt(n * self.qmax))
+        return _round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
+
+    # The integer range and calibration state travel with the state dict, so a checkpoint is self-contained.
+    def get_extra_state(self) -> dict:
+        return {"bits": self.bits, "signed": self.signed, "initialized": self.initialized}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state["bits"] != self.bits:
+            raise QvitError(
+                f"quantizer '{self.name}' is {self.bits}-bit but the state dict holds a {state['bits']}-bit one: "
+                "build the model with the QuantConfig it was saved with"
+            )
+        self.signed = bool(state["signed"])
+        self.initialized = bool(state["initialized"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # A timm FP state dict has no quantizer entries: leave this quantizer uncalibrated instead of failing.
+        own = [prefix + "step", prefix + "_extra_state"]
+        if not any(k in state_dict for k in own):
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        kind = "per-channel" if self.per_channel else "per-tensor"
+        sign = "signed" if self.signed else "unsigned"
+        state = "" if self.initialized else ", uncalibrated"
+        return f"bits={self.bits}, {kind}, {sign}, codes=[{self.qmin}, {self.qmax}]{state}" + ("" if self.enabled else ", off")

@@ -1,0 +1,85 @@
+"""quantize(model, cfg): turn a timm DeiT/ViT or Swin into its Q-ViT form by swapping module classes."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterator
+
+from timm.layers import Attention
+from timm.models.swin_transformer import SwinTransformer, WindowAttention
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .config import QuantConfig
+from .errors import QvitError
+from .layers import IRMNorm, QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
+from .lsq import LSQQuantizer
+
+SUPPORTED_MODELS = (VisionTransformer, SwinTransformer)
+
+
+def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with quantized Linear/Conv2d/attention layers (uncalibrated).
+
+    State-dict keys stay timm's, plus the quantizer steps (and IRM norms), so a timm FP checkpoint loads
+    into the result. The input model is left untouched unless ``inplace``.
+    """
+    if not isinstance(model, SUPPORTED_MODELS):
+        raise QvitError(
+            f"cannot quantize {type(model).__name__}: qvit-export supports timm VisionTransformer (ViT, DeiT) "
+            "and SwinTransformer models"
+        )
+    if any(True for _ in quantizers(model)):
+        raise QvitError("this model is already quantized: quantize the FP model instead")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, mod in list(model.named_modules()):
+        kind = type(mod)
+        w_bits, a_bits = cfg.bits_for(name)
+        if kind is nn.Linear:
+            mod.__class__ = QuantLinear
+            mod.attach_quantizers(w_bits, a_bits, name)
+        elif kind is nn.Conv2d:
+            mod.__class__ = QuantConv2d
+            mod.attach_quantizers(w_bits, a_bits, name)
+        elif kind is Attention:
+            mod.__class__ = QuantAttention
+            mod.attach_quantizers(a_bits, cfg.irm, mod.head_dim, name)
+        elif kind is WindowAttention:
+            mod.__class__ = QuantWindowAttention
+            mod.attach_quantizers(a_bits, cfg.irm, mod.qkv.out_features // 3 // mod.num_heads, name)
+        elif name.endswith(".attn") and kind not in (QuantAttention, QuantWindowAttention):
+            raise QvitError(f"cannot quantize attention '{name}' of type {kind.__name__}: only timm's Attention "
+                            "and Swin's WindowAttention are supported")
+    model.qvit_config = cfg
+    return model
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, LSQQuantizer]]:
+    """(name, quantizer) for every LSQ quantizer in the model, in module order."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, LSQQuantizer):
+            yield name, mod
+
+
+def irm_norms(model: nn.Module) -> Iterator[tuple[str, IRMNorm]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, IRMNorm):
+            yield name, mod
+
+
+def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
+    for _, q in quantizers(model):
+        q.enabled = enabled
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module):
+    """Run the model in float (an FP teacher, or calibration statistics), then restore each quantizer."""
+    saved = [(q, q.enabled) for _, q in quantizers(model)]
+    set_quantizers_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for q, enabled in saved:
+            q.enabled = enabled

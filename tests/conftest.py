@@ -1,0 +1,41 @@
+"""Shared real-data fixtures: scikit-image photographs, Fashion-MNIST, and the trained demo ViT."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvit_export import create_model
+from qvit_export.data import fashion_mnist, photo_batch
+from qvit_export.demo import DEMO_KWARGS, DEMO_MODEL, calibration_batches, fashion_teacher
+
+CACHE = Path(os.environ.get("QVIT_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "tests"))
+
+
+@pytest.fixture(scope="session")
+def photos_224():
+    """17 real photographs through timm's ImageNet eval transform: [17, 3, 224, 224]."""
+    return photo_batch(create_model("deit_tiny_patch16_224"))
+
+
+@pytest.fixture(scope="session")
+def fmnist_test():
+    return fashion_mnist("test")
+
+
+@pytest.fixture(scope="session")
+def fmnist_calibration():
+    return calibration_batches()
+
+
+@pytest.fixture(scope="session")
+def fmnist_teacher():
+    """The demo ViT trained on Fashion-MNIST (2 epochs, a few minutes once; cached in .cache/tests)."""
+    return fashion_teacher(CACHE)
+
+
+@pytest.fixture
+def small_vit():
+    """The demo architecture, random init: quick enough for gradient and checkpoint tests."""
+    torch.manual_seed(0)
+    return create_model(DEMO_MODEL, **DEMO_KWARGS).eval()
