@@ -71,10 +71,12 @@ def _torch_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
+        # torch names the class it refused ("Unsupported global"); garbage fails on an opcode instead.
+        if "global" in str(e).lower():
             raise QvitError(f"{path} needs pickle code to load, which is refused for safety: re-save it as a plain "
                             "state dict or with qvit_export.save_checkpoint") from None
-        raise QvitError(f"{path} is corrupt (unpickling failed): write the checkpoint again") from None
+        raise QvitError(f"{path} is truncated or not a PyTorch file (unpickling failed): write the checkpoint "
+                        "again") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise QvitError(f"{path} is truncated or not a PyTorch file ({type(e).__name__}): write the checkpoint "
                         "again") from None
