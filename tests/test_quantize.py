@@ -5,7 +5,7 @@ import torch
 from qvit_export import QuantConfig, QvitError, calibrate, create_model, quantize, quantizers, quantizers_disabled
 from qvit_export.layers import IRMNorm, QuantAttentionMixin, QuantLinear
 
-MODELS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "swin_tiny_patch4_window7_224"]
+MODELS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "swin_tiny_patch4_window7_224", "test_vit"]
 
 
 def _fp_and_quantized(name, irm=False):
