@@ -15,28 +15,22 @@ from torch import nn
 from .lsq import LSQQuantizer
 
 
-def _weight_quantizer(weight: torch.Tensor, bits: int, name: str) -> LSQQuantizer:
-    step_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)  # one step per output channel
-    return LSQQuantizer(bits, step_shape, signed=True, name=name + ".weight_quantizer")
-
-
-class QuantLinear(nn.Linear):
-    """nn.Linear with an LSQ quantizer on its input (per tensor) and its weight (per output channel)."""
+class QuantWeightMixin:
+    """An LSQ quantizer on the layer's input (per tensor) and on its weight (one step per output channel)."""
 
     def attach_quantizers(self, w_bits: int, a_bits: int, name: str) -> None:
         self.input_quantizer = LSQQuantizer(a_bits, name=name + ".input_quantizer")
-        self.weight_quantizer = _weight_quantizer(self.weight, w_bits, name)
+        step_shape = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
+        self.weight_quantizer = LSQQuantizer(w_bits, step_shape, signed=True, name=name + ".weight_quantizer")
 
+
+class QuantLinear(QuantWeightMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 
-class QuantConv2d(nn.Conv2d):
-    """nn.Conv2d (the patch embedding) with LSQ quantizers on its input and weight."""
-
-    def attach_quantizers(self, w_bits: int, a_bits: int, name: str) -> None:
-        self.input_quantizer = LSQQuantizer(a_bits, name=name + ".input_quantizer")
-        self.weight_quantizer = _weight_quantizer(self.weight, w_bits, name)
+class QuantConv2d(QuantWeightMixin, nn.Conv2d):
+    """The patch embedding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
