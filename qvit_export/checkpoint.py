@@ -8,32 +8,19 @@ Layout (plain containers and tensors only, so ``torch.load(weights_only=True)`` 
 """
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .atomic import atomic_path
 from .config import QuantConfig
 from .errors import QvitError
 
 FORMAT = "qvit-export-checkpoint"
 VERSION = 1
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path, model: nn.Module, metrics: dict | None = None, extra: dict | None = None,
@@ -60,7 +47,8 @@ def save_checkpoint(path, model: nn.Module, metrics: dict | None = None, extra: 
         "extra": dict(extra or {}),
     }
     path = Path(path)
-    _atomic_torch_save(payload, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

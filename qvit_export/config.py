@@ -41,11 +41,13 @@ class QuantConfig:
         # A list from YAML or JSON is accepted; store a tuple so the config stays hashable.
         object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
 
+    def is_edge(self, module_name: str) -> bool:
+        """Whether the layer is one of the first/last layers kept at ``edge_bits``."""
+        return any(module_name == p or module_name.startswith(p + ".") for p in self.keep_8bit)
+
     def bits_for(self, module_name: str) -> tuple[int, int]:
         """(weight bits, input bits) for the layer called ``module_name``."""
-        if any(module_name == p or module_name.startswith(p + ".") for p in self.keep_8bit):
-            return self.edge_bits, self.edge_bits
-        return self.w_bits, self.a_bits
+        return (self.edge_bits, self.edge_bits) if self.is_edge(module_name) else (self.w_bits, self.a_bits)
 
     def to_dict(self) -> dict:
         d = asdict(self)

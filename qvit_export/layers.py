@@ -80,10 +80,11 @@ class QuantAttentionMixin:
         return self.force_explicit or any(getattr(self, f"{p}_quantizer").enabled for p in ("q", "k", "v", "attn"))
 
     def quantized_attention(self, q, k, v, add_bias=None) -> torch.Tensor:
-        """softmax(Q(s·q) · Q(k)ᵀ + bias) → Q → · Q(v). The scale is applied before q's quantizer so that,
-        once exported, the DequantizeLinear feeds the MatMul directly (TensorRT's fusion pattern)."""
+        """softmax(Q(s·q) · Q(kᵀ) + bias) → Q → · Q(v). The scale is applied before q's quantizer, and k is
+        transposed before its own, so that once exported each DequantizeLinear feeds its MatMul directly
+        (TensorRT's fusion pattern)."""
         q = self.q_quantizer(self.q_norm(q) * self.scale)
-        attn = q @ self.k_quantizer(self.k_norm(k)).transpose(-2, -1)
+        attn = q @ self.k_quantizer(self.k_norm(k).transpose(-2, -1))  # kᵀ quantized: DQ feeds the MatMul
         if add_bias is not None:
             attn = add_bias(attn)
         attn = self.attn_quantizer(attn.softmax(dim=-1))

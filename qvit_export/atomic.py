@@ -1,0 +1,41 @@
+"""Atomic file writes: write beside the target, rename on success, leave nothing behind on failure."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import QvitError
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path in the target's folder; it becomes ``path`` only if the block succeeds."""
+    path = Path(path)
+    if path.is_dir():
+        raise QvitError(f"{path} is a directory: give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise QvitError(f"cannot write to {path.parent} ({e.strerror}): choose a writable output path") from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes(path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)

@@ -1,0 +1,237 @@
+"""ONNX with QuantizeLinear/DequantizeLinear: the only module that knows ONNX op names.
+
+The quantized model is copied into an *export twin* whose layers emit TensorRT's QDQ form (DESIGN.md §3):
+- activations: ``Clip(s·qmin, s·qmax) → QuantizeLinear(int8, zero point 0) → DequantizeLinear`` for codes
+  narrower than INT8, plain Q→DQ at [-128, 127]; one scale per tensor;
+- weights: integer codes stored as INT8 initializers → DequantizeLinear (one scale per output channel),
+  already transposed to MatMul's [K, N] so the DQ feeds the MatMul directly; Conv keeps [Cout, ...] on axis 0;
+  ``precision="int4"`` rewrites the ≤4-bit MatMul weights as INT4 initializers (opset 21);
+- IRM's LayerNorm on q and k, then the folded attention scale, then q's QDQ; k is quantized already
+  transposed; v and the softmax output get their own QDQ.
+Every quantizer's scale initializer is named after the quantizer, which ties ONNX nodes to PyTorch modules.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import QvitError
+from .layers import QuantConv2d, QuantLinear
+from .lsq import LSQQuantizer
+
+DEFAULT_OPSET = 17      # LayerNormalization; per-axis QDQ
+FP16_MIN_OPSET = 19     # FP16 scales on QuantizeLinear/DequantizeLinear
+INT4_OPSET = 21         # INT4 initializers
+TORCHSCRIPT_MAX_OPSET = 20
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "int8"          # int8 | int4 (weights of MatMul/Gemm layers with ≤ 4 bits)
+    dtype: str = "fp32"              # fp32 | fp16: the dtype of every non-quantized op
+    opset: int | None = None         # None: the lowest opset that the options allow
+    dynamic_batch: bool = True
+    decompose_layernorm: bool = False  # TensorRT 8.5 (JetPack 5) cannot import LayerNormalization
+
+    def resolved_opset(self) -> int:
+        need = INT4_OPSET if self.precision == "int4" else FP16_MIN_OPSET if self.dtype == "fp16" else DEFAULT_OPSET
+        opset = self.opset or need
+        if opset < need:
+            raise QvitError(f"--opset {opset} is too low for {self.precision}/{self.dtype}: use --opset {need} or higher")
+        if opset > 21:
+            raise QvitError(f"--opset {opset} is not supported: use 17 to 21")
+        return opset
+
+
+# ---- ops that emit QDQ ---------------------------------------------------------------------------
+
+class _ActivationQDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, clip_min, clip_max, qmin: int, qmax: int, clip: bool):
+        return torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, clip_min, clip_max, qmin, qmax, clip):
+        if clip:
+            x = g.op("Clip", x, clip_min, clip_max)
+        zero = g.op("Constant", value_t=torch.tensor(0, dtype=torch.int8))
+        q = g.op("QuantizeLinear", x, scale, zero)
+        return g.op("DequantizeLinear", q, scale, zero)
+
+
+class _WeightDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codes, scale, zero, axis: int):
+        shape = [1] * codes.dim()
+        shape[axis] = -1
+        return codes.to(scale.dtype) * scale.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero, axis):
+        return g.op("DequantizeLinear", codes, scale, zero, axis_i=axis)
+
+
+class ActivationQDQ(nn.Module):
+    """Export form of an activation LSQQuantizer: its step and range as constants."""
+
+    def __init__(self, q: LSQQuantizer, dtype: torch.dtype):
+        super().__init__()
+        self.qmin, self.qmax = q.qmin, q.qmax
+        self.clip = (q.qmin, q.qmax) != (-128, 127)  # INT8's own saturation is the clamp at 8 signed bits
+        self.enabled = True  # attention modules check this to take their explicit path
+        s = q.scale().to(dtype)
+        self.register_buffer("scale", s)
+        self.register_buffer("clip_min", s * q.qmin)
+        self.register_buffer("clip_max", s * q.qmax)
+
+    def forward(self, x):
+        return _ActivationQDQ.apply(x, self.scale, self.clip_min, self.clip_max, self.qmin, self.qmax, self.clip)
+
+
+class ExportLinear(nn.Module):
+    """x → QDQ → MatMul with DQ(INT8 weight [in, out], axis 1) → Add bias."""
+
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype):
+        super().__init__()
+        wq = layer.weight_quantizer
+        self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype)
+        self.register_buffer("weight_codes", wq.int_codes(layer.weight).to(torch.int8).t().contiguous())
+        self.register_buffer("weight_scale", wq.scale().reshape(-1).to(dtype))
+        self.register_buffer("weight_zero", torch.zeros_like(self.weight_codes[0]))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        self.weight_bits = wq.bits
+
+    def forward(self, x):
+        w = _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero, 1)
+        y = torch.matmul(self.input_quantizer(x), w)
+        return y if self.bias is None else y + self.bias
+
+
+class ExportConv2d(nn.Module):
+    """x → QDQ → Conv with DQ(INT8 weight [Cout, Cin, kh, kw], axis 0)."""
+
+    def __init__(self, layer: QuantConv2d, dtype: torch.dtype):
+        super().__init__()
+        wq = layer.weight_quantizer
+        self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype)
+        self.register_buffer("weight_codes", wq.int_codes(layer.weight).to(torch.int8))
+        self.register_buffer("weight_scale", wq.scale().reshape(-1).to(dtype))
+        self.register_buffer("weight_zero", torch.zeros(self.weight_codes.shape[0], dtype=torch.int8))
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+
+    def forward(self, x):
+        w = _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero, 0)
+        return nn.functional.conv2d(self.input_quantizer(x), w, self.bias, self.stride, self.padding,
+                                    self.dilation, self.groups)
+
+
+class DecomposedLayerNorm(nn.Module):
+    """LayerNorm written as elementary ops, for TensorRT 8.5, which has no LayerNormalization importer."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.eps = norm.eps
+        self.weight, self.bias = norm.weight, norm.bias
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        centred = x - mean
+        y = centred / torch.sqrt((centred * centred).mean(dim=-1, keepdim=True) + self.eps)
+        return y * self.weight + self.bias if self.weight is not None else y
+
+
+# ---- the export twin -----------------------------------------------------------------------------
+
+def _check_deployable(model: nn.Module) -> None:
+    """The default scheme is deployable by construction; refuse anything else with the layer's name."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, LSQQuantizer):
+            if not mod.initialized:
+                raise QvitError(f"quantizer '{name}' is uncalibrated: calibrate or train the model before export")
+            if not mod.enabled:
+                raise QvitError(f"quantizer '{name}' is switched off: enable every quantizer before export")
+            if mod.per_channel and not name.endswith("weight_quantizer"):
+                raise QvitError(f"'{name}' quantizes an activation per channel, which TensorRT cannot run: retrain "
+                                "with per-tensor activation quantizers (the default QuantConfig)")
+
+
+def export_twin(model: nn.Module, options: ExportOptions) -> nn.Module:
+    """A copy of the quantized model whose layers emit the QDQ graph; same maths, ONNX-friendly form."""
+    _check_deployable(model)
+    dtype = torch.float16 if options.dtype == "fp16" else torch.float32
+    twin = copy.deepcopy(model).eval()
+    for name, mod in list(twin.named_modules()):
+        if not name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = twin.get_submodule(parent_name) if parent_name else twin
+        if isinstance(mod, QuantLinear):
+            setattr(parent, child, ExportLinear(mod, dtype))
+        elif isinstance(mod, QuantConv2d):
+            setattr(parent, child, ExportConv2d(mod, dtype))
+        elif isinstance(mod, LSQQuantizer) and not isinstance(parent, (ExportLinear, ExportConv2d)):
+            setattr(parent, child, ActivationQDQ(mod, dtype))
+        elif isinstance(mod, nn.LayerNorm):
+            setattr(parent, child, DecomposedLayerNorm(mod) if options.decompose_layernorm else _plain_layernorm(mod))
+    return twin.to(dtype)
+
+
+def _plain_layernorm(norm: nn.LayerNorm) -> nn.LayerNorm:
+    """An nn.LayerNorm with the same parameters (IRMNorm's extra state has no place in a traced graph)."""
+    plain = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
+    plain.load_state_dict({k: v for k, v in norm.state_dict().items() if not k.endswith("_extra_state")})
+    return plain
+
+
+def _input_shape(model: nn.Module) -> tuple[int, int, int]:
+    embed = getattr(model, "patch_embed", None)
+    chans = embed.proj.in_channels
+    size = embed.img_size if embed.img_size is not None else (224, 224)
+    return (chans, *size)
+
+
+def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions(), metadata: dict | None = None,
+                simplify: bool = True) -> Path:
+    """Write the QDQ ONNX of a calibrated or trained quantized model to ``path`` (atomically).
+
+    ``simplify`` runs onnxsim with a guard that no QDQ node is lost. ``metadata`` is added to the model's
+    metadata_props next to the tool version, QuantConfig, precision, dtype and opset.
+    """
+    import onnx
+
+    from . import onnx_graph
+
+    opset = options.resolved_opset()
+    twin = export_twin(model, options)
+    dtype = torch.float16 if options.dtype == "fp16" else torch.float32
+    dummy = torch.zeros(2, *_input_shape(model), dtype=dtype)
+    dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if options.dynamic_batch else None
+    with tempfile.TemporaryDirectory(prefix="qvit-export-") as scratch:
+        raw = Path(scratch) / "torch.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+            torch.onnx.export(twin, (dummy,), str(raw), dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic,
+                              do_constant_folding=True)
+        graph = onnx.load(str(raw))
+    if simplify:
+        graph = onnx_graph.simplify(graph)
+    graph = onnx_graph.finalize(graph, model, options, opset, metadata or {})
+    return onnx_graph.save_atomic(graph, path)
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

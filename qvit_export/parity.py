@@ -1,0 +1,183 @@
+"""Parity of the exported graph with the PyTorch model, through ONNX Runtime, in LSBs and top-1 agreement.
+
+- Logits: the graph as shipped (ORT's normal fusions) against the PyTorch model, both run end to end.
+- Integer codes, per quantizer: a second session whose QuantizeLinear outputs are graph outputs too (extra
+  outputs change which kernels ORT fuses, so they never touch the logits session). PyTorch then runs each
+  layer on ORT's quantized inputs (every quantizer hands on ORT's codes), so a code that flips is counted in
+  the layer where it flips, not again in every layer downstream of it.
+- Weights: the stored INT8/INT4 initializers against the PyTorch codes, exactly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .atomic import write_text
+from .errors import QvitError
+from .quantize import quantizers
+
+MIN_TOP1_AGREEMENT = 99.9   # percent of images whose top-1 class matches
+MIN_CODE_MATCH = 99.9       # percent of integer codes identical, per quantizer
+MAX_LSB = 1                 # largest code difference allowed, per quantizer
+
+
+@dataclass
+class QuantizerParity:
+    codes: int = 0
+    equal: int = 0
+    max_lsb: int = 0
+
+    @property
+    def match_percent(self) -> float:
+        return 100.0 * self.equal / max(self.codes, 1)
+
+
+@dataclass
+class ParityReport:
+    images: int = 0
+    top1_agree: int = 0
+    max_abs_logit_diff: float = 0.0
+    sum_abs_logit_diff: float = 0.0
+    logits: int = 0
+    quantizers: dict[str, QuantizerParity] = field(default_factory=dict)
+    weights_identical: bool = True
+    weight_mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def top1_agreement(self) -> float:
+        return 100.0 * self.top1_agree / max(self.images, 1)
+
+    @property
+    def mean_abs_logit_diff(self) -> float:
+        return self.sum_abs_logit_diff / max(self.logits, 1)
+
+    def failures(self, min_top1=MIN_TOP1_AGREEMENT, min_codes=MIN_CODE_MATCH, max_lsb=MAX_LSB) -> list[str]:
+        out = []
+        if self.top1_agreement < min_top1:
+            out.append(f"top-1 agreement {self.top1_agreement:.3f}% < {min_top1}%")
+        for name, q in self.quantizers.items():
+            if q.match_percent < min_codes or q.max_lsb > max_lsb:
+                out.append(f"{name}: {q.match_percent:.3f}% codes equal, max {q.max_lsb} LSB")
+        if not self.weights_identical:
+            out.append(f"stored weight codes differ from PyTorch in {', '.join(self.weight_mismatches[:3])}")
+        return out
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["quantizers"] = {k: asdict(v) | {"match_percent": v.match_percent} for k, v in self.quantizers.items()}
+        d |= {"top1_agreement": self.top1_agreement, "mean_abs_logit_diff": self.mean_abs_logit_diff}
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    def table(self) -> str:
+        lines = [f"parity on {self.images} images: top-1 agreement {self.top1_agreement:.3f}%, "
+                 f"|Δlogit| max {self.max_abs_logit_diff:.4g} mean {self.mean_abs_logit_diff:.3g}, "
+                 f"stored weights {'identical' if self.weights_identical else 'DIFFERENT'}",
+                 f"{'quantizer':<48} {'codes':>12} {'equal %':>9} {'max LSB':>8}"]
+        worst = sorted(self.quantizers.items(), key=lambda kv: (kv[1].match_percent, -kv[1].max_lsb))
+        for name, q in worst:
+            lines.append(f"{name:<48} {q.codes:>12} {q.match_percent:>9.4f} {q.max_lsb:>8}")
+        return "\n".join(lines)
+
+
+def ort_session(model_or_path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def _tapped_model(onnx_model, outputs: dict[str, str]):
+    """A copy whose QuantizeLinear outputs are graph outputs too."""
+    import onnx
+
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(onnx_model)
+    for tensor in outputs.values():
+        tapped.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.INT8, None))
+    return tapped
+
+
+def _forced_codes(model: nn.Module, names: set[str]):
+    """Hooks that record each activation quantizer's own codes, then hand on ORT's codes instead."""
+    own: dict[str, torch.Tensor] = {}
+    forced: dict[str, np.ndarray] = {}
+
+    def hook(m, inp, out, name):
+        own[name] = m.int_codes(inp[0])
+        return torch.from_numpy(forced[name]).reshape(out.shape).to(out.dtype) * m.scale().to(out.dtype)
+
+    hooks = [q.register_forward_hook(lambda m, inp, out, name=name: hook(m, inp, out, name))
+             for name, q in quantizers(model) if name in names]
+    return own, forced, hooks
+
+
+def compare(model: nn.Module, onnx_path, images, batch_size: int = 250, progress: bool = True) -> ParityReport:
+    """Compare a quantized PyTorch model with its exported ONNX graph on ``images`` (a tensor [N, C, H, W])."""
+    import onnx
+
+    from .onnx_graph import quantize_outputs, weight_initializers
+
+    graph = onnx.load(str(onnx_path))
+    taps = quantize_outputs(graph)
+    report = ParityReport()
+    named = dict(quantizers(model))
+    for name, stored in weight_initializers(graph).items():
+        q = named.get(name)
+        layer = model.get_submodule(name.rsplit(".", 1)[0])
+        expected = q.int_codes(layer.weight).numpy() if q is not None else None
+        stored = stored.T if stored.ndim == 2 else stored  # MatMul weights are stored [in, out]
+        if expected is None or stored.shape != expected.shape or not np.array_equal(stored, expected):
+            report.weights_identical = False
+            report.weight_mismatches.append(name)
+    missing = set(n for n, q in named.items() if not q.per_channel) - set(taps)
+    if missing:
+        raise QvitError(f"the ONNX graph has no QuantizeLinear for {sorted(missing)[:3]}: export it again")
+
+    plain = ort_session(onnx_path)
+    tapped = ort_session(_tapped_model(graph, taps))
+    input_name = plain.get_inputs()[0].name
+    input_type = np.float16 if "float16" in plain.get_inputs()[0].type else np.float32
+    tap_names = list(taps)
+    report.quantizers = {name: QuantizerParity() for name in tap_names}
+    model.eval()
+    for start in tqdm(range(0, len(images), batch_size), desc="parity", unit="batch", leave=False, disable=not progress):
+        x = images[start:start + batch_size]
+        feed = {input_name: x.numpy().astype(input_type)}
+        with torch.no_grad():
+            ref = model(x).float().numpy()
+        got = plain.run(None, feed)[0].astype(np.float32)
+        diff = np.abs(got - ref)
+        report.images += len(x)
+        report.top1_agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        report.max_abs_logit_diff = max(report.max_abs_logit_diff, float(diff.max()))
+        report.sum_abs_logit_diff += float(diff.sum())
+        report.logits += diff.size
+
+        own, forced, hooks = _forced_codes(model, set(tap_names))
+        forced.update(zip(tap_names, tapped.run([taps[n] for n in tap_names], feed)))
+        try:
+            with torch.no_grad():
+                model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for name in tap_names:
+            d = np.abs(forced[name].astype(np.int32) - own[name].numpy().reshape(forced[name].shape))
+            p = report.quantizers[name]
+            p.codes += d.size
+            p.equal += int((d == 0).sum())
+            p.max_lsb = max(p.max_lsb, int(d.max()))
+    return report
+
+
+def write_report(report: ParityReport, path) -> Path:
+    return write_text(path, report.to_json())
