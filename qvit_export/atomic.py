@@ -21,8 +21,11 @@ def atomic_path(path):
     except OSError as e:
         raise QvitError(f"cannot write to {path.parent} ({e.strerror}): choose a writable output path") from None
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result gets the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -80,3 +80,40 @@ def photo_batch(model, names=PHOTOS) -> torch.Tensor:
             array = (array * 255).astype(np.uint8)
         images.append(transform(Image.fromarray(array).convert(mode)))
     return torch.stack(images)
+
+
+def image_folder(root, model):
+    """An ImageNet-layout folder (class sub-folders, or train/ and val/ splits) through timm's eval transform."""
+    from timm.data import create_dataset, create_transform, resolve_data_config
+
+    root = Path(root)
+    if not root.is_dir():
+        raise QvitError(f"image folder not found: {root} (expected class sub-folders of images)")
+    split = next((s for s in ("val", "validation", "test") if (root / s).is_dir()), "")
+    dataset = create_dataset("", root=str(root / split) if split else str(root))
+    if len(dataset) == 0:
+        raise QvitError(f"no images in {root}: put one sub-folder of images per class there")
+    dataset.transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    return dataset
+
+
+def evaluation_dataset(spec: str, model):
+    """'fashion-mnist' (the test split) or an image folder: labelled data for evaluation and parity."""
+    if spec == "fashion-mnist":
+        return fashion_mnist("test")
+    return image_folder(spec, model)
+
+
+def parity_images(spec: str, model, limit: int, dataset_hint: str | None = None) -> tuple[torch.Tensor, str]:
+    """Images to prove parity on, and what they are. 'auto' takes the checkpoint's own dataset when it is
+    available (``dataset_hint``), else scikit-image's photographs."""
+    if spec == "auto":
+        spec = dataset_hint or "photos"
+    if spec == "photos" and model.patch_embed.proj.in_channels != 3:
+        raise QvitError("the photographs are RGB but this model takes other images: pass --parity-data "
+                        "fashion-mnist or an image folder")
+    if spec == "photos":
+        return photo_batch(model)[:limit], f"{min(limit, len(PHOTOS))} scikit-image photographs"
+    dataset = evaluation_dataset(spec, model)
+    n = min(limit, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(n)]), f"{n} images of {spec}"

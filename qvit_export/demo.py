@@ -48,7 +48,8 @@ def fashion_teacher(workdir, epochs: int = DEMO_TRAINING["epochs"]) -> torch.nn.
     losses = train_classifier(model, train_set, epochs=epochs, batch_size=recipe["batch_size"], lr=recipe["lr"],
                               weight_decay=recipe["weight_decay"], seed=recipe["seed"], desc="FP teacher")
     metrics = evaluate(model, fashion_mnist("test"), desc="FP test")
-    save_checkpoint(path, model, metrics=metrics | {"train_loss": losses}, extra={"recipe": recipe})
+    save_checkpoint(path, model, metrics=metrics | {"train_loss": losses},
+                    extra={"recipe": recipe, "dataset": "fashion-mnist"})
     return model.eval()
 
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
                 label = f"W{bits}A{bits} PTQ" + (" + IRM" if irm else "")
                 metrics = evaluate(student, test_set, desc=label)
                 path = save_checkpoint(workdir / f"w{bits}a{bits}_ptq{'_irm' if irm else ''}.pt", student,
-                                       metrics=metrics, extra={"calibration_images": CALIBRATION_IMAGES})
+                                       metrics=metrics, extra={"calibration_images": CALIBRATION_IMAGES, "dataset": "fashion-mnist"})
                 rows.append((label, metrics, seconds, path))
     except QvitError as e:
         print(f"error: {e}", file=sys.stderr)

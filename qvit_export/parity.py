@@ -74,14 +74,17 @@ class ParityReport:
         d |= {"top1_agreement": self.top1_agreement, "mean_abs_logit_diff": self.mean_abs_logit_diff}
         return json.dumps(d, indent=2, sort_keys=True)
 
-    def table(self) -> str:
+    def table(self, rows: int = 8) -> str:
+        """A summary line, then the ``rows`` quantizers that agree least (all of them are in the JSON)."""
+        worst = sorted(self.quantizers.items(), key=lambda kv: (kv[1].match_percent, -kv[1].max_lsb))
         lines = [f"parity on {self.images} images: top-1 agreement {self.top1_agreement:.3f}%, "
                  f"|Δlogit| max {self.max_abs_logit_diff:.4g} mean {self.mean_abs_logit_diff:.3g}, "
                  f"stored weights {'identical' if self.weights_identical else 'DIFFERENT'}",
-                 f"{'quantizer':<48} {'codes':>12} {'equal %':>9} {'max LSB':>8}"]
-        worst = sorted(self.quantizers.items(), key=lambda kv: (kv[1].match_percent, -kv[1].max_lsb))
-        for name, q in worst:
-            lines.append(f"{name:<48} {q.codes:>12} {q.match_percent:>9.4f} {q.max_lsb:>8}")
+                 f"{len(worst)} activation quantizers: codes equal >= {worst[0][1].match_percent:.4f}%, "
+                 f"max {max(q.max_lsb for _, q in worst)} LSB; least agreeing:" if worst else "no quantizers",
+                 f"  {'quantizer':<46} {'codes':>12} {'equal %':>9} {'max LSB':>8}"]
+        for name, q in worst[:rows]:
+            lines.append(f"  {name:<46} {q.codes:>12} {q.match_percent:>9.4f} {q.max_lsb:>8}")
         return "\n".join(lines)
 
 
@@ -181,3 +184,20 @@ def compare(model: nn.Module, onnx_path, images, batch_size: int = 250, progress
 
 def write_report(report: ParityReport, path) -> Path:
     return write_text(path, report.to_json())
+
+
+class OnnxModule(nn.Module):
+    """An ONNX model behind an nn.Module face (ONNX Runtime on the CPU), so it is evaluated like a checkpoint."""
+
+    def __init__(self, path):
+        super().__init__()
+        if not Path(path).is_file():
+            raise QvitError(f"ONNX model not found: {path}")
+        self.session = ort_session(path)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_type = np.float16 if "float16" in inp.type else np.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.cpu().numpy().astype(self.input_type)})[0]
+        return torch.from_numpy(out.astype(np.float32))

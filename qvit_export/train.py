@@ -15,7 +15,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 500
              progress: bool = True) -> dict:
     """top-1 and top-5 accuracy (percent) and mean cross-entropy of ``model`` on labelled data."""
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
-    device = next(model.parameters()).device
+    device = next(iter(model.parameters()), torch.zeros(0)).device  # an ONNX/TensorRT wrapper has none
     was_training = model.training
     model.eval()
     correct1 = correct5 = total = 0

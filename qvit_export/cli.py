@@ -1,0 +1,205 @@
+"""Command-line entry points: qvit-export and qvit-eval (thin: parse, call the library, report)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import QvitError
+
+
+def _run(main, argv) -> int:
+    try:
+        return main(argv)
+    except QvitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _batch_triple(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: give min,opt,max such as 1,8,32") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"--batch {text!r}: give three numbers min,opt,max such as 1,8,32")
+    return values
+
+
+# ---- qvit-export ------------------------------------------------------------------------------------
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qvit-export", description="Export a quantized checkpoint to QDQ ONNX, prove "
+                                "parity with PyTorch through ONNX Runtime, and build a TensorRT engine.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by qvit-train or save_checkpoint")
+    p.add_argument("--onnx", help="ONNX output (default: next to --engine, else next to the checkpoint)")
+    p.add_argument("--engine", help="TensorRT plan to build (needs TensorRT or TensorRT-RTX)")
+    g = p.add_argument_group("graph")
+    g.add_argument("--precision", choices=("int8", "int4"), default="int8",
+                   help="int4: MatMul weights of <= 4 bits stored as INT4 (weight-only); activations stay INT8")
+    g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the non-quantized ops")
+    g.add_argument("--opset", type=int, help="ONNX opset (default: 17, 19 for fp16, 21 for int4)")
+    g.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 instead of a dynamic axis")
+    g.add_argument("--decompose-layernorm", action="store_true",
+                   help="write LayerNorm as elementary ops (TensorRT 8.5 / JetPack 5)")
+    g.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    v = p.add_argument_group("parity")
+    v.add_argument("--parity-data", default="auto",
+                   help="auto (the checkpoint's dataset, else photographs), fashion-mnist, photos, or an image folder")
+    v.add_argument("--parity-images", type=int, default=1000, help="how many images (default 1000)")
+    v.add_argument("--parity-report", help="JSON report path (default: <onnx>.parity.json)")
+    v.add_argument("--min-top1-agreement", type=float, default=99.9, help="percent (default 99.9)")
+    v.add_argument("--min-code-match", type=float, default=99.9, help="percent per quantizer (default 99.9)")
+    v.add_argument("--max-lsb", type=int, default=1, help="largest code difference allowed (default 1)")
+    v.add_argument("--no-parity", action="store_true", help="skip the parity check")
+    e = p.add_argument_group("engine")
+    e.add_argument("--target", choices=("auto", "tensorrt", "tensorrt-rtx"), default="auto")
+    e.add_argument("--compute-capability", help="TensorRT-RTX ahead-of-time target, e.g. sm89")
+    e.add_argument("--batch", type=_batch_triple, default=(1, 8, 32), help="min,opt,max batch (default 1,8,32)")
+    e.add_argument("--workspace", type=int, help="builder workspace limit in MiB")
+    e.add_argument("--timing-cache", help="timing cache file, read and updated")
+    return p
+
+
+def _default_onnx(args) -> Path:
+    if args.onnx:
+        return Path(args.onnx)
+    if args.engine:
+        return Path(args.engine).with_suffix(".onnx")
+    ckpt = Path(args.ckpt)
+    return ckpt.with_name(f"{ckpt.stem}.{args.precision}.onnx")
+
+
+def export_main(argv=None) -> int:
+    args = export_parser().parse_args(argv)
+    from .atomic import atomic_path, write_text
+    from .checkpoint import load_checkpoint, read_checkpoint
+    from .onnx_export import ExportOptions, export_onnx, file_sha256
+
+    ckpt_path = Path(args.ckpt)
+    ckpt = read_checkpoint(ckpt_path)
+    if ckpt["quant"] is None:
+        raise QvitError(f"{ckpt_path} holds a float model: quantize and calibrate (or train) it before export")
+    model = load_checkpoint(ckpt_path)
+    options = ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset,
+                            dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm)
+    options.resolved_opset()  # fail on a bad opset before any work
+    if args.engine:
+        from .engine import import_tensorrt
+
+        try:
+            import_tensorrt(args.target)
+            have_tensorrt = True
+        except QvitError:
+            have_tensorrt = False
+    onnx_path = _default_onnx(args)
+    metadata = {"checkpoint_sha256": file_sha256(ckpt_path), "checkpoint": ckpt_path.name,
+                "model": ckpt["model"], "metrics": ckpt.get("metrics", {})}
+
+    # The ONNX file appears only once it has passed parity: it is written to a temporary path first.
+    with atomic_path(onnx_path) as tmp_onnx:
+        start = time.perf_counter()
+        export_onnx(model, tmp_onnx, options, metadata, simplify=not args.no_simplify)
+        print(f"exported {onnx_path} ({tmp_onnx.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s, "
+              f"{args.precision}, {args.dtype}, opset {options.resolved_opset()})")
+        if not args.no_parity:
+            from .data import parity_images
+            from .parity import compare
+
+            images, what = parity_images(args.parity_data, model, args.parity_images,
+                                         ckpt.get("extra", {}).get("dataset"))
+            if args.dtype == "fp16":
+                print("note: fp16 graph compared with the fp32 PyTorch model; expect more codes one LSB apart")
+            report = compare(model, tmp_onnx, images)
+            print(f"parity data: {what}")
+            print(report.table())
+            report_path = Path(args.parity_report) if args.parity_report else onnx_path.with_suffix(".parity.json")
+            write_text(report_path, report.to_json())
+            failures = report.failures(args.min_top1_agreement, args.min_code_match, args.max_lsb)
+            if failures:
+                raise QvitError(f"parity below thresholds ({failures[0]}; {len(failures)} in all, see {report_path}): "
+                                "the ONNX was not written; pass --no-parity to keep it anyway")
+    print(f"wrote {onnx_path}")
+
+    if args.engine:
+        if not have_tensorrt:
+            from .engine import INSTALL_HINT
+
+            raise QvitError(f"no TensorRT here to build {args.engine}: {INSTALL_HINT}; the ONNX is kept at {onnx_path}")
+        from .engine import build_engine
+
+        report = build_engine(onnx_path, args.engine, target=args.target, compute_capability=args.compute_capability,
+                              batch=args.batch, workspace_mib=args.workspace, timing_cache=args.timing_cache)
+        print(f"built {args.engine} with {report['library']} {report['version']} for {report['target']}: "
+              f"{report['plan_bytes'] / 1e6:.2f} MB, {report['layers']} layers "
+              f"({len(report['qdq_layers'])} Q/DQ), {report['build_seconds']:.1f} s; report {report['report']}")
+    return 0
+
+
+# ---- qvit-eval --------------------------------------------------------------------------------------
+
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qvit-eval", description="top-1/top-5 and loss of a checkpoint (PyTorch), "
+                                "an ONNX model (ONNX Runtime) or a TensorRT engine (GPU), measured the same way.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a qvit-export checkpoint")
+    src.add_argument("--onnx", help="an exported ONNX model")
+    src.add_argument("--engine", help="a TensorRT plan (needs a CUDA GPU)")
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist (test split) or an image folder")
+    p.add_argument("--model-ckpt", help="for an image folder with --onnx/--engine: the checkpoint whose transforms "
+                   "to use")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--json", help="also write the metrics here")
+    return p
+
+
+def eval_main(argv=None) -> int:
+    args = eval_parser().parse_args(argv)
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from .checkpoint import load_checkpoint
+    from .data import evaluation_dataset
+    from .train import evaluate
+
+    reference = load_checkpoint(args.ckpt or args.model_ckpt) if (args.ckpt or args.model_ckpt) else None
+    if args.data != "fashion-mnist" and reference is None:
+        raise QvitError("an image folder needs --model-ckpt (or --ckpt) to know the model's input transform")
+    dataset = evaluation_dataset(args.data, reference)
+    if args.limit:
+        dataset = Subset(dataset, range(min(args.limit, len(dataset))))
+    loader = DataLoader(dataset, batch_size=args.batch_size)
+    if args.ckpt:
+        model, source = reference, f"PyTorch {args.ckpt}"
+    elif args.onnx:
+        from .parity import OnnxModule
+
+        model, source = OnnxModule(args.onnx), f"ONNX Runtime {args.onnx}"
+    else:
+        from .engine import EngineModule
+
+        model, source = EngineModule(args.engine), f"TensorRT {args.engine}"
+    with torch.no_grad():
+        metrics = evaluate(model, loader, desc="eval")
+    metrics["source"] = source
+    print(f"{source}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+          f"({metrics['images']} images of {args.data})")
+    if args.json:
+        from .atomic import write_text
+
+        write_text(args.json, json.dumps(metrics, indent=2))
+    return 0
+
+
+def qvit_export() -> None:
+    sys.exit(_run(export_main, None))
+
+
+def qvit_eval() -> None:
+    sys.exit(_run(eval_main, None))

@@ -1,0 +1,214 @@
+"""TensorRT engines from the QDQ ONNX: the only module that imports tensorrt or tensorrt_rtx_bindings.
+
+One builder serves three libraries, told apart by what they have, never by version numbers alone:
+- NVIDIA TensorRT 10.x, weakly typed: INT8 and FP16 builder flags let it choose precisions around the QDQ pairs;
+- TensorRT 11.x and TensorRT-RTX: strongly typed, every op runs in its ONNX dtype (export with --dtype fp16
+  for speed); TensorRT-RTX also builds ahead of time, with no GPU, for a named compute capability.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .atomic import atomic_path, write_bytes, write_text
+from .errors import QvitError
+
+TARGETS = ("auto", "tensorrt", "tensorrt-rtx")
+INSTALL_HINT = ("install TensorRT (pip install 'qvit-export[trt]' from NVIDIA's index, or 'qvit-export[trt-rtx]' "
+                "to build ahead of time) or use the Docker image")
+
+
+def import_tensorrt(target: str = "auto"):
+    """(module, library name) for the requested target; a clear error when it is missing."""
+    if target not in TARGETS:
+        raise QvitError(f"target {target!r} is unknown: choose one of {', '.join(TARGETS)}")
+    candidates = {"tensorrt": ["tensorrt"], "tensorrt-rtx": ["tensorrt_rtx_bindings"],
+                  "auto": ["tensorrt", "tensorrt_rtx_bindings"]}[target]
+    for module in candidates:
+        try:
+            return __import__(module), ("tensorrt-rtx" if module == "tensorrt_rtx_bindings" else "tensorrt")
+        except ImportError:
+            continue
+    raise QvitError(f"no TensorRT library for target '{target}': {INSTALL_HINT}")
+
+
+def _logger(trt):
+    class Collect(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                self.errors.append(msg)
+
+    return Collect()
+
+
+def _parse(trt, builder, logger, onnx_path: Path, strongly_typed: bool):
+    flags = 0
+    if strongly_typed and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        err = parser.get_error(0)
+        node = err.node_name() if hasattr(err, "node_name") else err.node()
+        op = err.node_operator() if hasattr(err, "node_operator") else "?"
+        raise QvitError(f"TensorRT cannot parse ONNX node '{node}' ({op}): {err.desc()}")
+    return network, parser
+
+
+def _compute_capability(trt, name: str):
+    key = name.upper()
+    if not hasattr(trt, "ComputeCapability") or key not in trt.ComputeCapability.__members__:
+        known = [k.lower() for k in getattr(trt, "ComputeCapability", {}).__members__ if k.startswith("SM")] \
+            if hasattr(trt, "ComputeCapability") else []
+        raise QvitError(f"compute capability {name!r} is not a target of this TensorRT: choose one of {', '.join(known)}")
+    return trt.ComputeCapability.__members__[key]
+
+
+def layer_summary(trt, network) -> dict:
+    types: dict[str, int] = {}
+    qdq = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        kind = str(layer.type).split(".")[-1]
+        types[kind] = types.get(kind, 0) + 1
+        if kind in ("QUANTIZE", "DEQUANTIZE"):
+            qdq.append({"name": layer.name, "type": kind})
+    return {"layers": network.num_layers, "layer_types": dict(sorted(types.items())), "qdq_layers": qdq}
+
+
+def _inspect(trt, logger, plan: bytes) -> dict:
+    """Per-layer engine information; needs a GPU to deserialize the plan."""
+    try:
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(plan)
+        if engine is None:
+            return {"skipped": "the plan cannot be deserialized here (no GPU, or another GPU than its target)"}
+        inspector = engine.create_engine_inspector()
+        return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    except Exception as e:  # noqa: BLE001 - any failure here only means no inspector data
+        return {"skipped": f"engine inspector unavailable: {type(e).__name__}"}
+
+
+def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability: str | None = None,
+                 batch: tuple[int, int, int] = (1, 8, 32), workspace_mib: int | None = None,
+                 timing_cache=None, report_path=None) -> dict:
+    """Build a TensorRT plan from a QDQ ONNX file; write it and its build report JSON atomically."""
+    trt, library = import_tensorrt(target)
+    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    if not onnx_path.is_file():
+        raise QvitError(f"ONNX model not found: {onnx_path}")
+    lo, opt, hi = batch
+    if not 1 <= lo <= opt <= hi:
+        raise QvitError(f"--batch {lo},{opt},{hi} must be min,opt,max with 1 <= min <= opt <= max")
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    weakly_typed = hasattr(trt.BuilderFlag, "INT8")  # TensorRT 10.x; gone in 11.x and TensorRT-RTX
+    network, parser = _parse(trt, builder, logger, onnx_path, strongly_typed=not weakly_typed)
+    config = builder.create_builder_config()
+    if weakly_typed:
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.set_flag(trt.BuilderFlag.FP16)
+    if compute_capability:
+        if library != "tensorrt-rtx":
+            raise QvitError("--compute-capability is for TensorRT-RTX ahead-of-time builds: TensorRT builds for the "
+                            "GPU it runs on, so leave it out or use --target tensorrt-rtx")
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(_compute_capability(trt, compute_capability), 0)
+    if workspace_mib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    cache_path = Path(timing_cache) if timing_cache else None
+    if cache_path is not None and hasattr(config, "create_timing_cache"):
+        cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        dims = tuple(tensor.shape)[1:]
+        profile.set_shape(tensor.name, (lo, *dims), (opt, *dims), (hi, *dims))
+    config.add_optimization_profile(profile)
+
+    start = time.perf_counter()
+    plan = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - start
+    if plan is None:
+        detail = logger.errors[-1] if logger.errors else "no reason given"
+        raise QvitError(f"TensorRT could not build the engine: {detail.splitlines()[0]}")
+    plan = bytes(plan)
+
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    report = {
+        "library": library, "version": trt.__version__, "typing": "weak (INT8+FP16 flags)" if weakly_typed else "strong",
+        "target": compute_capability or "this machine's GPU", "onnx": str(onnx_path),
+        "precision": meta.get("precision"), "dtype": meta.get("dtype"), "batch": {"min": lo, "opt": opt, "max": hi},
+        "plan": str(plan_path), "plan_bytes": len(plan), "build_seconds": round(seconds, 3),
+        **layer_summary(trt, network),
+    }
+    report["engine_inspector"] = _inspect(trt, logger, plan) if not compute_capability else \
+        {"skipped": "built ahead of time for another target: inspect on that GPU"}
+    write_bytes(plan_path, plan)
+    if cache_path is not None and hasattr(config, "get_timing_cache"):
+        with atomic_path(cache_path) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    report_path = Path(report_path) if report_path else plan_path.with_suffix(".build.json")
+    write_text(report_path, json.dumps(report, indent=2, sort_keys=True))
+    report["report"] = str(report_path)
+    return report
+
+
+class EngineModule:
+    """A TensorRT plan behind a callable face (CUDA GPU only), so it is evaluated like a checkpoint."""
+
+    def __init__(self, plan_path, target: str = "auto"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QvitError("cannot run a TensorRT engine here: no CUDA GPU; evaluate the ONNX with --onnx instead")
+        plan_path = Path(plan_path)
+        if not plan_path.is_file():
+            raise QvitError(f"TensorRT plan not found: {plan_path}")
+        trt, _ = import_tensorrt(target)
+        self.logger = _logger(trt)
+        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan_path.read_bytes())
+        if self.engine is None:
+            raise QvitError(f"{plan_path} does not load here (built for another GPU or TensorRT version): rebuild it")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+        self.trt = trt
+        self.training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def parameters(self):
+        import torch
+
+        yield torch.zeros(0)  # evaluate() reads the device from here: inputs stay on the CPU until __call__
+
+    def __call__(self, x):
+        import torch
+
+        in_dtype = self.dtypes[self.engine.get_tensor_dtype(self.input)]
+        x = x.to("cuda", in_dtype).contiguous()
+        self.context.set_input_shape(self.input, tuple(x.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device="cuda",
+                          dtype=self.dtypes[self.engine.get_tensor_dtype(self.output)])
+        self.context.set_tensor_address(self.input, x.data_ptr())
+        self.context.set_tensor_address(self.output, out.data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise QvitError("TensorRT failed to run the engine: " + (self.logger.errors[-1] if self.logger.errors else "?"))
+        stream.synchronize()
+        return out.float().cpu()
