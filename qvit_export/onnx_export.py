@@ -223,8 +223,9 @@ def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions()
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic,
                               do_constant_folding=True)
         graph = onnx.load(str(raw))
+    onnx_graph.prepare(graph)
     if simplify:
-        graph = onnx_graph.simplify(graph)
+        graph = onnx_graph.simplify(graph, decomposed_layernorm=options.decompose_layernorm)
     graph = onnx_graph.finalize(graph, model, options, opset, metadata or {})
     return onnx_graph.save_atomic(graph, path)
 

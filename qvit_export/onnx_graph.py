@@ -1,6 +1,6 @@
 """Surgery and inspection on the exported ONNX graph (onnx protos only; no torch).
 
-- names every Clip/QuantizeLinear/DequantizeLinear after the quantizer whose scale it reads;
+- names every Clip/QuantizeLinear/DequantizeLinear after the quantizer whose scale it reads (prepare);
 - rewrites ≤4-bit MatMul weights as INT4 block-quantized initializers (one block spans K: our per-channel step);
 - records metadata, and saves atomically;
 - counts QDQ nodes and checks the TensorRT rules (zero points all zero, constant positive scales).
@@ -34,14 +34,20 @@ def qdq_counts(model) -> Counter:
     return Counter(n.op_type for n in model.graph.node if n.op_type in QDQ_OPS)
 
 
+def _owner(node) -> str | None:
+    """The quantizer a Clip/QuantizeLinear/DequantizeLinear belongs to, from the name prepare() gave it."""
+    head, _, op = node.name.rpartition("/")
+    return head if head and op == node.op_type else None
+
+
 def quantize_outputs(model) -> dict[str, str]:
     """{quantizer name: output tensor of its QuantizeLinear} for the activation quantizers."""
     found = {}
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear":
-            name = quantizer_of(node.input[1])
+            name = _owner(node)
             if name is None:
-                raise QvitError(f"QuantizeLinear '{node.name}' reads scale '{node.input[1]}', which no quantizer owns")
+                raise QvitError(f"QuantizeLinear '{node.name}' belongs to no quantizer: export the model again")
             found[name] = node.output[0]
     return found
 
@@ -51,25 +57,37 @@ def weight_initializers(model) -> dict[str, np.ndarray]:
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            out[quantizer_of(node.input[1])] = numpy_helper.to_array(inits[node.input[0]])
-    return out
+    return {_owner(node): numpy_helper.to_array(inits[node.input[0]]) for node in model.graph.node
+            if node.op_type == "DequantizeLinear" and node.input[0] in inits and _owner(node)}
 
 
-def _name_nodes(model) -> None:
-    """Deterministic, readable names: '<quantizer>/QuantizeLinear' and so on."""
+def prepare(model) -> None:
+    """Right after torch.onnx: undo shared constants, then name every QDQ node after its quantizer.
+
+    The TorchScript exporter shares equal initializers through Identity nodes, and onnxsim merges them, so an
+    initializer's name cannot identify its quantizer for long; node names can, and onnxsim keeps them.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in list(model.graph.node):
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = numpy_helper.from_array(numpy_helper.to_array(inits[node.input[0]]), node.output[0])
+            model.graph.initializer.append(copy)
+            inits[copy.name] = copy
+            model.graph.node.remove(node)
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
-        if node.op_type in QDQ_OPS:
-            owner = quantizer_of(node.input[1])
-            if owner:
-                node.name = f"{owner}/{node.op_type}"
-                if node.op_type == "QuantizeLinear" and node.input[0] in producers:
-                    clip = producers[node.input[0]]
-                    if clip.op_type == "Clip":
-                        clip.name = f"{owner}/Clip"
+        owner = quantizer_of(node.input[1]) if node.op_type in QDQ_OPS else None
+        if owner is None:
+            continue
+        node.name = f"{owner}/{node.op_type}"
+        clip = producers.get(node.input[0])
+        if node.op_type == "QuantizeLinear" and clip is not None and clip.op_type == "Clip":
+            clip.name = f"{owner}/Clip"
+    missing = [n.name for n in model.graph.node if n.op_type in QDQ_OPS and _owner(n) is None]
+    if missing:
+        raise QvitError(f"QDQ node '{missing[0]}' reads a scale no quantizer owns: export the model again")
 
 
 def _prune_initializers(model) -> None:
@@ -90,11 +108,12 @@ def _to_int4(model, is_edge) -> None:
         for name in node.input:
             users.setdefault(name, []).append(node)
     for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or not node.input[0].endswith(".weight_codes") or node.input[0] not in inits:
+        owner = _owner(node) if node.op_type == "DequantizeLinear" else None
+        if owner is None or not owner.endswith(".weight_quantizer") or node.input[0] not in inits:
             continue
         if [u.op_type for u in users.get(node.output[0], [])] != ["MatMul"]:
             continue  # Conv (patch embedding) stays INT8: TensorRT has no INT4 convolution
-        layer = node.input[0][: -len(".weight_codes")]
+        layer = owner[: -len(".weight_quantizer")]
         codes = numpy_helper.to_array(inits[node.input[0]])
         if codes.min() < -8 or codes.max() > 7:
             if is_edge(layer):
@@ -103,16 +122,14 @@ def _to_int4(model, is_edge) -> None:
                             "int8, or retrain with w_bits <= 4")
         k, n = codes.shape
         scale = numpy_helper.to_array(inits[node.input[1]]).reshape(1, n)
-        # Codes and scales are this layer's own; a zero point may be shared after onnxsim, so it gets a new name.
-        for index, name, tensor in (
-                (0, layer + ".weight_codes", helper.make_tensor("", onnx.TensorProto.INT4, [k, n], codes.flatten().tolist())),
-                (1, layer + ".weight_scale", numpy_helper.from_array(scale)),
-                (2, layer + ".weight_zero_int4", helper.make_tensor("", onnx.TensorProto.INT4, [1, n], [0] * n))):
-            if node.input[index] == name:
-                model.graph.initializer.remove(inits.pop(name))
-            tensor.name = name
+        # Fresh initializers: the INT8 ones may be shared with other nodes after onnxsim (pruned below if not).
+        for index, suffix, tensor in (
+                (0, "codes", helper.make_tensor("", onnx.TensorProto.INT4, [k, n], codes.flatten().tolist())),
+                (1, "scale", numpy_helper.from_array(scale)),
+                (2, "zero", helper.make_tensor("", onnx.TensorProto.INT4, [1, n], [0] * n))):
+            tensor.name = f"{layer}.weight_{suffix}_int4"
             model.graph.initializer.append(tensor)
-            node.input[index] = name
+            node.input[index] = tensor.name
         del node.attribute[:]
         node.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", k)])
     _prune_initializers(model)
@@ -141,7 +158,6 @@ def finalize(model, torch_model, options, opset: int, metadata: dict):
 
     from . import __version__
 
-    _name_nodes(model)
     cfg = getattr(torch_model, "qvit_config", None)
     if options.precision == "int4":
         _to_int4(model, lambda layer: cfg is not None and cfg.is_edge(layer))
@@ -171,15 +187,19 @@ def save_atomic(model, path) -> Path:
     return Path(path)
 
 
-def simplify(model):
-    """onnxsim, guarded: the number of QuantizeLinear/DequantizeLinear nodes must not change."""
+def simplify(model, decomposed_layernorm: bool = False):
+    """onnxsim, guarded: the number of QuantizeLinear/DequantizeLinear nodes must not change, and a LayerNorm
+    written out for TensorRT 8.5 must not be fused back into LayerNormalization."""
     import onnxsim
 
     before = qdq_counts(model)
-    simplified, ok = onnxsim.simplify(model)
+    skipped = ["fuse_layer_norm"] if decomposed_layernorm else None
+    simplified, ok = onnxsim.simplify(model, skipped_optimizers=skipped)
     if not ok:
         raise QvitError("onnxsim could not validate the simplified graph: export with --no-simplify")
     after = qdq_counts(simplified)
     if after != before:
         raise QvitError(f"onnxsim changed the QDQ nodes ({dict(before)} → {dict(after)}): export with --no-simplify")
+    if decomposed_layernorm and any(n.op_type == "LayerNormalization" for n in simplified.graph.node):
+        raise QvitError("onnxsim fused LayerNorm back together: export with --no-simplify --decompose-layernorm")
     return simplified

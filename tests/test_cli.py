@@ -1,0 +1,101 @@
+"""qvit-export and qvit-eval as a user runs them: results on success, one line and no files on failure."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qvit_export import QuantConfig, save_checkpoint
+from qvit_export.demo import ptq
+
+
+def run(tool, *args, timeout=600):
+    code = f"import sys; from qvit_export.cli import {tool}; sys.argv[0] = '{tool}'; {tool}()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(result):
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def w4a4_ckpt(fmnist_teacher, fmnist_calibration, tmp_path_factory):
+    student = ptq(fmnist_teacher, QuantConfig(w_bits=4, a_bits=4, irm=True), fmnist_calibration)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "w4a4.pt", student, extra={"dataset": "fashion-mnist"})
+
+
+def test_export_with_engine_end_to_end(w4a4_ckpt, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="the trt-rtx extra is not installed")
+    plan = tmp_path / "out" / "w4a4.plan"
+    r = run("qvit_export", "--ckpt", w4a4_ckpt, "--engine", plan, "--precision", "int4", "--target", "tensorrt-rtx",
+            "--compute-capability", "sm89", "--batch", "1,8,32", "--parity-images", 2000)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "top-1 agreement 100.000%" in r.stdout or "top-1 agreement 99.9" in r.stdout, r.stdout
+    files = sorted(p.name for p in plan.parent.iterdir())
+    assert files == ["w4a4.build.json", "w4a4.onnx", "w4a4.parity.json", "w4a4.plan"]
+    parity = json.loads((plan.parent / "w4a4.parity.json").read_text())
+    assert parity["images"] == 2000 and parity["weights_identical"]
+    build = json.loads((plan.parent / "w4a4.build.json").read_text())
+    assert build["batch"] == {"min": 1, "opt": 8, "max": 32} and build["qdq_layers"]
+
+
+def test_eval_onnx_matches_checkpoint(w4a4_ckpt, tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    assert run("qvit_export", "--ckpt", w4a4_ckpt, "--onnx", onnx_path, "--no-parity").returncode == 0
+    results = {}
+    for flag, src in (("--ckpt", w4a4_ckpt), ("--onnx", onnx_path)):
+        r = run("qvit_eval", flag, src, "--limit", 2000, "--json", tmp_path / f"{flag[2:]}.json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        results[flag] = json.loads((tmp_path / f"{flag[2:]}.json").read_text())
+    print(f"\nPyTorch {results['--ckpt']['top1']:.2f}%  ONNX Runtime {results['--onnx']['top1']:.2f}%")
+    assert abs(results["--ckpt"]["top1"] - results["--onnx"]["top1"]) <= 0.1
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in one_error_line(run("qvit_eval", "--engine", tmp_path / "any.plan"))
+
+
+def test_bad_checkpoints(w4a4_ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert "checkpoint not found" in one_error_line(run("qvit_export", "--ckpt", tmp_path / "none.pt", "--onnx", out / "a.onnx"))
+    data = w4a4_ckpt.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 3])
+    assert "truncated" in one_error_line(run("qvit_export", "--ckpt", tmp_path / "cut.pt", "--onnx", out / "a.onnx"))
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "bare.pt")
+    assert "not a qvit-export checkpoint" in one_error_line(run("qvit_export", "--ckpt", tmp_path / "bare.pt",
+                                                                "--onnx", out / "a.onnx"))
+    assert not out.exists()
+
+
+def test_unwritable_output(w4a4_ckpt, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    line = one_error_line(run("qvit_export", "--ckpt", w4a4_ckpt, "--onnx", tmp_path / "file" / "m.onnx", "--no-parity"))
+    assert "cannot write" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_parity_failure_leaves_no_onnx(w4a4_ckpt, tmp_path):
+    line = one_error_line(run("qvit_export", "--ckpt", w4a4_ckpt, "--onnx", tmp_path / "m.onnx", "--parity-images", 200,
+                              "--max-lsb", -1))
+    assert "parity below thresholds" in line and "not written" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parity.json"]  # the evidence stays, the model does not
+
+
+def test_missing_tensorrt_keeps_the_onnx(w4a4_ckpt, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="the trt-rtx extra is not installed")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("NVIDIA TensorRT is installed here")
+    except ImportError:
+        pass
+    line = one_error_line(run("qvit_export", "--ckpt", w4a4_ckpt, "--engine", tmp_path / "m.plan", "--target",
+                              "tensorrt", "--no-parity"))
+    assert "pip install" in line and "Docker" in line and "ONNX is kept" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_float_checkpoint_is_refused(fmnist_teacher, tmp_path):
+    ckpt = save_checkpoint(tmp_path / "fp.pt", fmnist_teacher)
+    assert "float model" in one_error_line(run("qvit_export", "--ckpt", ckpt, "--onnx", tmp_path / "m.onnx"))

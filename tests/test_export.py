@@ -1,0 +1,209 @@
+"""qvit-export's graph: QDQ structure, stored codes, onnxsim, parity through ONNX Runtime, TensorRT-RTX engines.
+
+DeiT-tiny and Swin-tiny are random-init, calibrated on real photographs; the demo ViT is trained on
+Fashion-MNIST and checked on all 10,000 test images.
+"""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qvit_export import QuantConfig, QvitError, calibrate, create_model, quantize, quantizers
+from qvit_export.demo import ptq
+from qvit_export.lsq import LSQQuantizer
+from qvit_export.onnx_export import ExportOptions, export_onnx
+from qvit_export.onnx_graph import qdq_counts
+from qvit_export.parity import compare
+
+BITS = [8, 4, 3, 2]
+PHOTO_MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
+
+
+def _counts_match_quantizers(graph, model):
+    named = dict(quantizers(model))
+    activations = sum(1 for q in named.values() if not q.per_channel)
+    assert qdq_counts(graph) == {"QuantizeLinear": activations, "DequantizeLinear": len(named)}
+
+
+def _zero_points(graph):
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    values |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.graph.node if n.op_type == "Constant"}
+    return [values[n.input[2]] for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+
+
+@pytest.fixture(scope="module")
+def photo_exports(photos_224, tmp_path_factory):
+    """{(model, bits): (quantized model, ONNX path, parity report)} for DeiT-tiny and Swin-tiny."""
+    out = {}
+    folder = tmp_path_factory.mktemp("photo_exports")
+    for name in PHOTO_MODELS:
+        torch.manual_seed(0)
+        fp = create_model(name)
+        for bits in BITS:
+            qm = calibrate(quantize(fp, QuantConfig(w_bits=bits, a_bits=bits, irm=True)), [photos_224], irm_steps=2)
+            path = export_onnx(qm, folder / f"{name}_w{bits}.onnx")
+            out[name, bits] = qm, path, compare(qm, path, photos_224, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("name", PHOTO_MODELS)
+def test_photo_models_qdq_graph_and_codes(name, bits, photo_exports):
+    qm, path, report = photo_exports[name, bits]
+    graph = onnx.load(str(path))
+    _counts_match_quantizers(graph, qm)
+    assert all(np.all(z == 0) and z.dtype == np.int8 for z in _zero_points(graph))
+    assert report.weights_identical, report.weight_mismatches
+    print(f"\n{name} W{bits}A{bits}: {report.table(rows=2)}")
+    # Random-init logits are nearly tied, so top-1 is not asserted here; every quantizer's codes are.
+    code_failures = [f for f in report.failures() if not f.startswith("top-1")]
+    assert not code_failures, code_failures
+
+
+def test_graph_form_follows_tensorrt_rules(photo_exports):
+    _, path, _ = photo_exports["deit_tiny_patch16_224", 4]
+    graph = onnx.load(str(path))
+    nodes = {n.name: n for n in graph.graph.node}
+    producers = {o: n for n in graph.graph.node for o in n.output}
+    users = {}
+    for n in graph.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    # sub-8-bit activations: Clip → QuantizeLinear → DequantizeLinear
+    q = nodes["blocks.0.mlp.fc1.input_quantizer/QuantizeLinear"]
+    assert producers[q.input[0]].op_type == "Clip"
+    # 8-bit edges have no Clip
+    assert producers[nodes["head.input_quantizer/QuantizeLinear"].input[0]].op_type != "Clip"
+    # every DequantizeLinear feeds its MatMul/Conv directly (TensorRT fuses DQ → MatMul)
+    for n in graph.graph.node:
+        if n.op_type == "DequantizeLinear":
+            assert {u.op_type for u in users[n.output[0]]} <= {"MatMul", "Conv", "Gemm"}, n.name
+    # IRM: LayerNormalization on q, then the folded scale, then q's quantizer
+    clip = producers[nodes["blocks.0.attn.q_quantizer/QuantizeLinear"].input[0]]
+    mul = producers[clip.input[0]]
+    assert mul.op_type == "Mul" and producers[mul.input[0]].op_type == "LayerNormalization"
+    assert graph.opset_import[0].version == 17
+
+
+def test_onnxsim_keeps_every_qdq_node(photo_exports, tmp_path):
+    qm, _, _ = photo_exports["swin_tiny_patch4_window7_224", 4]
+    plain = onnx.load(str(export_onnx(qm, tmp_path / "plain.onnx", simplify=False)))
+    simple = onnx.load(str(export_onnx(qm, tmp_path / "simple.onnx", simplify=True)))
+    assert qdq_counts(plain) == qdq_counts(simple)
+    assert len(simple.graph.node) < len(plain.graph.node)  # onnxsim did simplify
+
+
+@pytest.fixture(scope="module")
+def fmnist_exports(fmnist_teacher, fmnist_calibration, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fmnist_exports")
+    out = {}
+    for bits in BITS:
+        qm = ptq(fmnist_teacher, QuantConfig(w_bits=bits, a_bits=bits, irm=bits < 8), fmnist_calibration)
+        out[bits] = qm, export_onnx(qm, folder / f"w{bits}.onnx")
+    return out
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_fashion_mnist_parity_on_10000_images(bits, fmnist_exports, fmnist_test, record_property):
+    qm, path = fmnist_exports[bits]
+    _counts_match_quantizers(onnx.load(str(path)), qm)
+    report = compare(qm, path, fmnist_test.tensors[0], progress=False)
+    print(f"\nW{bits}A{bits} demo ViT: {report.table(rows=3)}")
+    record_property(f"w{bits}a{bits}_top1_agreement", report.top1_agreement)
+    assert report.images == 10_000
+    assert report.failures() == []
+
+
+def test_int4_weights_are_block_quantized_int4(fmnist_exports, fmnist_test):
+    qm, _ = fmnist_exports[4]
+    path = export_onnx(qm, fmnist_exports[4][1].with_name("w4_int4.onnx"), ExportOptions(precision="int4"))
+    graph = onnx.load(str(path))
+    inits = {i.name: i for i in graph.graph.initializer}
+    dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    int4 = [n for n in dq if inits[n.input[0]].data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 4 * 4  # qkv, proj, fc1, fc2 per block; patch embedding (Conv) and head stay INT8
+    assert all({a.name: a.i for a in n.attribute}["block_size"] == inits[n.input[0]].dims[0] for n in int4)
+    assert graph.opset_import[0].version == 21
+    report = compare(qm, path, fmnist_test.tensors[0][:2000], progress=False)
+    assert report.weights_identical and report.failures() == []
+
+
+def test_fp16_graph(fmnist_exports, fmnist_test):
+    """FP16 outside the QDQ pairs moves values across code boundaries: predictions near ties change, accuracy
+    does not (the codes stay within 1 LSB when each layer starts from the same inputs)."""
+    from qvit_export.parity import OnnxModule
+    from qvit_export.train import evaluate
+
+    qm, path = fmnist_exports[4]
+    path16 = export_onnx(qm, path.with_name("w4_fp16.onnx"), ExportOptions(dtype="fp16"))
+    graph = onnx.load(str(path16))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert graph.opset_import[0].version == 19
+    images = fmnist_test.tensors[0][:2000]
+    report = compare(qm, path16, images, progress=False)
+    print(f"\nfp16 graph vs fp32 PyTorch: {report.table(rows=3)}")
+    assert report.weights_identical and not report.failures(min_top1=90.0, min_codes=98.0)
+    subset = torch.utils.data.TensorDataset(images, fmnist_test.tensors[1][:2000])
+    top1_fp16 = evaluate(OnnxModule(path16), subset, progress=False)["top1"]
+    top1_torch = evaluate(qm, subset, progress=False)["top1"]
+    print(f"top-1: PyTorch fp32 {top1_torch:.2f}%, ONNX fp16 {top1_fp16:.2f}%")
+    assert abs(top1_fp16 - top1_torch) <= 1.0
+
+
+def test_decomposed_layernorm_for_tensorrt_8_5(fmnist_exports, fmnist_test):
+    qm, path = fmnist_exports[4]
+    graph = onnx.load(str(export_onnx(qm, path.with_name("w4_dec.onnx"), ExportOptions(decompose_layernorm=True))))
+    assert not any(n.op_type == "LayerNormalization" for n in graph.graph.node)
+    report = compare(qm, path.with_name("w4_dec.onnx"), fmnist_test.tensors[0][:2000], progress=False)
+    assert report.failures() == []
+
+
+def test_export_is_deterministic_and_self_describing(fmnist_exports, tmp_path):
+    qm, _ = fmnist_exports[3]
+    a = export_onnx(qm, tmp_path / "a.onnx", metadata={"checkpoint_sha256": "abc"})
+    b = export_onnx(qm, tmp_path / "b.onnx", metadata={"checkpoint_sha256": "abc"})
+    assert a.read_bytes() == b.read_bytes()
+    meta = {p.key: p.value for p in onnx.load(str(a)).metadata_props}
+    assert meta["checkpoint_sha256"] == "abc" and meta["precision"] == "int8"
+    assert json.loads(meta["quant_config"])["w_bits"] == 3 and meta["qvit_export_version"]
+    onnx.checker.check_model(onnx.load(str(a)), full_check=True)
+
+
+def test_refusals_name_the_layer_and_the_fix(fmnist_exports, tmp_path):
+    qm, _ = fmnist_exports[8]
+    with pytest.raises(QvitError, match="blocks.0.attn.qkv.*8-bit weights.*--precision int8"):
+        export_onnx(qm, tmp_path / "x.onnx", ExportOptions(precision="int4"))
+    per_channel = quantize(create_model("test_vit"), QuantConfig())
+    q = LSQQuantizer(4, (1, 1, 64), name="blocks.0.mlp.fc1.input_quantizer")
+    q.set_step(torch.ones(1, 1, 64))
+    per_channel.blocks[0].mlp.fc1.input_quantizer = q
+    for _, other in quantizers(per_channel):
+        other.initialized = True
+    with pytest.raises(QvitError, match="'blocks.0.mlp.fc1.input_quantizer' quantizes an activation per channel"):
+        export_onnx(per_channel, tmp_path / "y.onnx")
+    with pytest.raises(QvitError, match="--opset 19"):
+        ExportOptions(dtype="fp16", opset=17).resolved_opset()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_tensorrt_rtx_builds_sm89_engine(precision, fmnist_exports, tmp_path):
+    pytest.importorskip("tensorrt_rtx_bindings", reason="the trt-rtx extra is not installed")
+    from qvit_export.engine import build_engine
+
+    qm, path = fmnist_exports[4]
+    onnx_path = export_onnx(qm, tmp_path / "m.onnx", ExportOptions(precision=precision))
+    report = build_engine(onnx_path, tmp_path / "m.plan", target="tensorrt-rtx", compute_capability="sm89",
+                          timing_cache=tmp_path / "cache.bin")
+    counts = qdq_counts(onnx.load(str(onnx_path)))
+    kinds = [layer["type"] for layer in report["qdq_layers"]]
+    assert kinds.count("QUANTIZE") == counts["QuantizeLinear"] and kinds.count("DEQUANTIZE") == counts["DequantizeLinear"]
+    assert (tmp_path / "m.plan").stat().st_size == report["plan_bytes"] > 0
+    saved = json.loads((tmp_path / "m.build.json").read_text())
+    assert saved["library"] == "tensorrt-rtx" and saved["target"] == "sm89" and saved["precision"] == precision
+    print(f"\n{precision}: plan {report['plan_bytes'] / 1e6:.2f} MB, {report['layers']} layers, "
+          f"{report['build_seconds']:.1f} s")
