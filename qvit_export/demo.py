@@ -1,9 +1,12 @@
-"""The embedded default: a small ViT on Fashion-MNIST, trained in float, then quantized by PTQ.
+"""The embedded default: a small ViT on Fashion-MNIST, trained in float, quantized by PTQ, and deployed.
 
     python -m qvit_export.demo [--workdir runs/demo] [--epochs 2]
 
 Trains (or reuses) the FP teacher, converts it to W8A8 and W4A4 (with and without IRM), calibrates each on
-1,024 training images, and reports top-1 on the 10,000 test images. Checkpoints land in the work directory.
+1,024 training images, and reports top-1 on the 10,000 test images. The best W4A4 model is then exported as
+QDQ ONNX (INT4 weights), checked against PyTorch through ONNX Runtime on all test images, evaluated there,
+and built into a TensorRT-RTX plan for SM89 when the trt-rtx extra is installed. Everything lands in the
+work directory.
 """
 from __future__ import annotations
 
@@ -86,15 +89,49 @@ def main(argv=None) -> int:
                 path = save_checkpoint(workdir / f"w{bits}a{bits}_ptq{'_irm' if irm else ''}.pt", student,
                                        metrics=metrics, extra={"calibration_images": CALIBRATION_IMAGES, "dataset": "fashion-mnist"})
                 rows.append((label, metrics, seconds, path))
+        best = max((r for r in rows if r[0].startswith("W4A4")), key=lambda r: r[1]["top1"])
+        deployed = deploy(best[3], workdir, test_set)
     except QvitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     fp = rows[0][1]["top1"]
     print(f"\nFashion-MNIST test set ({rows[0][1]['images']} images), demo ViT {DEMO_KWARGS}")
-    print(f"{'model':<18} {'top-1 %':>8} {'vs FP':>7} {'calib s':>8}  checkpoint")
+    print(f"{'model':<18} {'top-1 %':>8} {'vs FP':>7} {'calib s':>8}  file")
     for label, m, seconds, path in rows:
         print(f"{label:<18} {m['top1']:>8.2f} {m['top1'] - fp:>+7.2f} {seconds:>8.1f}  {path}")
+    onnx_top1 = deployed["onnx_metrics"]["top1"]
+    print(f"{best[0] + ' ONNX':<18} {onnx_top1:>8.2f} {onnx_top1 - fp:>+7.2f} {'':>8}  {deployed['onnx']}")
+    print(f"\nparity ONNX Runtime vs PyTorch: {deployed['parity']}")
+    print(f"engine: {deployed['engine']}")
     return 0
+
+
+def deploy(ckpt: Path, workdir: Path, test_set) -> dict:
+    """qvit-export's steps for one checkpoint: INT4 ONNX, parity on the test set, ORT accuracy, TensorRT-RTX plan."""
+    from .onnx_export import ExportOptions, export_onnx, file_sha256
+    from .parity import OnnxModule, compare
+
+    model = load_checkpoint(ckpt)
+    onnx_path = export_onnx(model, workdir / "deploy" / "w4a4_int4.onnx", ExportOptions(precision="int4"),
+                            metadata={"checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt)})
+    report = compare(model, onnx_path, test_set.tensors[0])
+    failures = report.failures()
+    if failures:
+        raise QvitError(f"parity below thresholds: {failures[0]}")
+    out = {"onnx": onnx_path, "onnx_metrics": evaluate(OnnxModule(onnx_path), test_set, desc="ONNX Runtime"),
+           "parity": f"top-1 agreement {report.top1_agreement:.2f}% on {report.images} images, codes equal >= "
+                     f"{min(q.match_percent for q in report.quantizers.values()):.3f}%, max "
+                     f"{max(q.max_lsb for q in report.quantizers.values())} LSB, weights identical: {report.weights_identical}"}
+    try:
+        from .engine import build_engine
+
+        built = build_engine(onnx_path, workdir / "deploy" / "w4a4_int4.plan", target="tensorrt-rtx",
+                             compute_capability="sm89")
+        out["engine"] = (f"{built['plan']} ({built['plan_bytes'] / 1e6:.1f} MB, {len(built['qdq_layers'])} Q/DQ layers, "
+                         f"TensorRT-RTX {built['version']}, SM89, {built['build_seconds']:.1f} s)")
+    except QvitError as e:
+        out["engine"] = f"not built: {e}"
+    return out
 
 
 if __name__ == "__main__":

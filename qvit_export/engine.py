@@ -125,12 +125,16 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
     if cache_path is not None and hasattr(config, "create_timing_cache"):
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        dims = tuple(tensor.shape)[1:]
-        profile.set_shape(tensor.name, (lo, *dims), (opt, *dims), (hi, *dims))
-    config.add_optimization_profile(profile)
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    dynamic = [t for t in inputs if tuple(t.shape)[0] == -1]
+    if dynamic:  # a --static-batch graph needs no profile
+        profile = builder.create_optimization_profile()
+        for tensor in dynamic:
+            dims = tuple(tensor.shape)[1:]
+            profile.set_shape(tensor.name, (lo, *dims), (opt, *dims), (hi, *dims))
+        config.add_optimization_profile(profile)
+    else:
+        lo = opt = hi = tuple(inputs[0].shape)[0]
 
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)

@@ -213,7 +213,8 @@ def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions()
     opset = options.resolved_opset()
     twin = export_twin(model, options)
     dtype = torch.float16 if options.dtype == "fp16" else torch.float32
-    dummy = torch.zeros(2, *_input_shape(model), dtype=dtype)
+    # A dynamic batch is traced at 2 so that no shape specialises on 1.
+    dummy = torch.zeros(2 if options.dynamic_batch else 1, *_input_shape(model), dtype=dtype)
     dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if options.dynamic_batch else None
     with tempfile.TemporaryDirectory(prefix="qvit-export-") as scratch:
         raw = Path(scratch) / "torch.onnx"

@@ -207,3 +207,27 @@ def test_tensorrt_rtx_builds_sm89_engine(precision, fmnist_exports, tmp_path):
     assert saved["library"] == "tensorrt-rtx" and saved["target"] == "sm89" and saved["precision"] == precision
     print(f"\n{precision}: plan {report['plan_bytes'] / 1e6:.2f} MB, {report['layers']} layers, "
           f"{report['build_seconds']:.1f} s")
+
+
+def test_distilled_deit_exports_both_heads(photos_224, tmp_path):
+    torch.manual_seed(0)
+    fp = create_model("deit_tiny_distilled_patch16_224")
+    qm = calibrate(quantize(fp, QuantConfig(w_bits=4, a_bits=4, irm=True)), [photos_224], irm_steps=2)
+    path = export_onnx(qm, tmp_path / "distilled.onnx", ExportOptions(precision="int4"))
+    graph = onnx.load(str(path))
+    _counts_match_quantizers(graph, qm)
+    assert {"head.input_quantizer/QuantizeLinear", "head_dist.input_quantizer/QuantizeLinear"} <= {n.name for n in graph.graph.node}
+    report = compare(qm, path, photos_224, progress=False)
+    assert report.weights_identical and not [f for f in report.failures() if not f.startswith("top-1")]
+
+
+def test_static_batch_graph_and_engine(fmnist_exports, tmp_path):
+    qm, _ = fmnist_exports[4]
+    path = export_onnx(qm, tmp_path / "static.onnx", ExportOptions(dynamic_batch=False))
+    dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 1, 28, 28]
+    pytest.importorskip("tensorrt_rtx_bindings", reason="the trt-rtx extra is not installed")
+    from qvit_export.engine import build_engine
+
+    report = build_engine(path, tmp_path / "static.plan", target="tensorrt-rtx", compute_capability="sm89")
+    assert report["batch"] == {"min": 1, "opt": 1, "max": 1}
