@@ -15,10 +15,12 @@ def atomic_path(path):
     path = Path(path)
     if path.is_dir():
         raise QvitError(f"{path} is a directory: give a file name")
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # folders we make, deepest first
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
+        _remove_empty(created)
         raise QvitError(f"cannot write to {path.parent} ({e.strerror}): choose a writable output path") from None
     os.close(fd)
     umask = os.umask(0)
@@ -29,7 +31,17 @@ def atomic_path(path):
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Undo the folders a failed write created (those still empty), deepest first."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def write_text(path, text: str) -> Path:

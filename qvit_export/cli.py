@@ -77,7 +77,6 @@ def _default_onnx(args) -> Path:
 
 def export_main(argv=None) -> int:
     args = export_parser().parse_args(argv)
-    from .atomic import atomic_path, write_text
     from .checkpoint import load_checkpoint, read_checkpoint
     from .onnx_export import ExportOptions, export_onnx, file_sha256
 
@@ -85,59 +84,52 @@ def export_main(argv=None) -> int:
     ckpt = read_checkpoint(ckpt_path)
     if ckpt["quant"] is None:
         raise QvitError(f"{ckpt_path} holds a float model: quantize and calibrate (or train) it before export")
-    model = load_checkpoint(ckpt_path)
     options = ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset,
                             dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm)
-    options.resolved_opset()  # fail on a bad opset before any work
+    opset = options.resolved_opset()  # refuse bad options before any work
+    have_tensorrt = False
     if args.engine:
-        from .engine import import_tensorrt
+        from .engine import check_build_options
 
         try:
-            import_tensorrt(args.target)
+            check_build_options(args.target, args.compute_capability, args.batch)
             have_tensorrt = True
-        except QvitError:
-            have_tensorrt = False
+        except QvitError as e:
+            if "no TensorRT library" not in str(e):
+                raise
+    model = load_checkpoint(ckpt_path)
     onnx_path = _default_onnx(args)
-    metadata = {"checkpoint_sha256": file_sha256(ckpt_path), "checkpoint": ckpt_path.name,
-                "model": ckpt["model"], "metrics": ckpt.get("metrics", {})}
+    metadata = {"checkpoint_sha256": file_sha256(ckpt_path), "checkpoint": ckpt_path.name, "model": ckpt["model"],
+                "recipe": ckpt["extra"].get("recipe", {"quant": ckpt["quant"]}), "metrics": ckpt.get("metrics", {})}
 
-    # The ONNX file appears only once it has passed parity: it is written to a temporary path first.
-    with atomic_path(onnx_path) as tmp_onnx:
-        start = time.perf_counter()
-        export_onnx(model, tmp_onnx, options, metadata, simplify=not args.no_simplify)
-        print(f"exported {onnx_path} ({tmp_onnx.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s, "
-              f"{args.precision}, {args.dtype}, opset {options.resolved_opset()})")
-        if not args.no_parity:
-            from .data import parity_images
-            from .parity import compare
+    start = time.perf_counter()
+    if args.no_parity:
+        export_onnx(model, onnx_path, options, metadata, simplify=not args.no_simplify)
+    else:
+        from .data import parity_images
+        from .parity import export_with_parity
 
-            images, what = parity_images(args.parity_data, model, args.parity_images,
-                                         ckpt.get("extra", {}).get("dataset"))
-            # FP16 rounding moves values across code boundaries, which changes predictions near ties (measured on
-            # the demo ViT at W4A4: 95-98% top-1 agreement, accuracy within 0.4 points): looser defaults.
-            fp16 = args.dtype == "fp16"
-            min_top1 = args.min_top1_agreement if args.min_top1_agreement is not None else (90.0 if fp16 else 99.9)
-            min_codes = args.min_code_match if args.min_code_match is not None else (98.0 if fp16 else 99.9)
-            if fp16:
-                print("note: fp16 graph against the fp32 PyTorch model; measure its accuracy with qvit-eval --onnx")
-            report = compare(model, tmp_onnx, images)
-            print(f"parity data: {what}")
-            print(report.table())
-            report_path = Path(args.parity_report) if args.parity_report else onnx_path.with_suffix(".parity.json")
-            write_text(report_path, report.to_json())
-            failures = report.failures(min_top1, min_codes, args.max_lsb)
-            if failures:
-                raise QvitError(f"parity below thresholds ({failures[0]}; {len(failures)} in all, see {report_path}): "
-                                "the ONNX was not written; pass --no-parity to keep it anyway")
-    print(f"wrote {onnx_path}")
+        images, what = parity_images(args.parity_data, model, args.parity_images, ckpt["extra"].get("dataset"))
+        # FP16 rounding moves values across code boundaries, which changes predictions near ties (measured on
+        # the demo ViT at W4A4: 95-98% top-1 agreement, accuracy within 0.4 points): looser defaults.
+        fp16 = args.dtype == "fp16"
+        report = export_with_parity(
+            model, onnx_path, images, options, metadata, simplify=not args.no_simplify, report_path=args.parity_report,
+            min_top1=args.min_top1_agreement if args.min_top1_agreement is not None else (90.0 if fp16 else 99.9),
+            min_codes=args.min_code_match if args.min_code_match is not None else (98.0 if fp16 else 99.9),
+            max_lsb=args.max_lsb)
+        print(f"parity data: {what}")
+        print(report.table())
+        if fp16:
+            print("note: fp16 graph against the fp32 PyTorch model; measure its accuracy with qvit-eval --onnx")
+    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s, "
+          f"{args.precision}, {args.dtype}, opset {opset})")
 
     if args.engine:
+        from .engine import INSTALL_HINT, build_engine
+
         if not have_tensorrt:
-            from .engine import INSTALL_HINT
-
             raise QvitError(f"no TensorRT here to build {args.engine}: {INSTALL_HINT}; the ONNX is kept at {onnx_path}")
-        from .engine import build_engine
-
         report = build_engine(onnx_path, args.engine, target=args.target, compute_capability=args.compute_capability,
                               batch=args.batch, workspace_mib=args.workspace, timing_cache=args.timing_cache)
         print(f"built {args.engine} with {report['library']} {report['version']} for {report['target']}: "

@@ -100,6 +100,8 @@ def image_folder(root, model):
 def evaluation_dataset(spec: str, model):
     """'fashion-mnist' (the test split) or an image folder: labelled data for evaluation and parity."""
     if spec == "fashion-mnist":
+        if model is not None and model.patch_embed.proj.in_channels != 1:
+            raise QvitError("Fashion-MNIST images are grey but this model takes RGB: pass an image folder as --data")
         return fashion_mnist("test")
     return image_folder(spec, model)
 
@@ -107,8 +109,9 @@ def evaluation_dataset(spec: str, model):
 def parity_images(spec: str, model, limit: int, dataset_hint: str | None = None) -> tuple[torch.Tensor, str]:
     """Images to prove parity on, and what they are. 'auto' takes the checkpoint's own dataset when it is
     available (``dataset_hint``), else scikit-image's photographs."""
-    if spec == "auto":
-        spec = dataset_hint or "photos"
+    if spec == "auto":  # the checkpoint's dataset; the built-in grey one for a 1x28x28 model; else photographs
+        grey = model.patch_embed.proj.in_channels == 1 and tuple(model.patch_embed.img_size) == (28, 28)
+        spec = dataset_hint or ("fashion-mnist" if grey else "photos")
     if spec == "photos" and model.patch_embed.proj.in_channels != 3:
         raise QvitError("the photographs are RGB but this model takes other images: pass --parity-data "
                         "fashion-mnist or an image folder")

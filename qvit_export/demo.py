@@ -108,16 +108,13 @@ def main(argv=None) -> int:
 
 def deploy(ckpt: Path, workdir: Path, test_set) -> dict:
     """qvit-export's steps for one checkpoint: INT4 ONNX, parity on the test set, ORT accuracy, TensorRT-RTX plan."""
-    from .onnx_export import ExportOptions, export_onnx, file_sha256
-    from .parity import OnnxModule, compare
+    from .onnx_export import ExportOptions, file_sha256
+    from .parity import OnnxModule, export_with_parity
 
     model = load_checkpoint(ckpt)
-    onnx_path = export_onnx(model, workdir / "deploy" / "w4a4_int4.onnx", ExportOptions(precision="int4"),
-                            metadata={"checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt)})
-    report = compare(model, onnx_path, test_set.tensors[0])
-    failures = report.failures()
-    if failures:
-        raise QvitError(f"parity below thresholds: {failures[0]}")
+    onnx_path = workdir / "deploy" / "w4a4_int4.onnx"
+    report = export_with_parity(model, onnx_path, test_set.tensors[0], ExportOptions(precision="int4"),
+                                metadata={"checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt)})
     out = {"onnx": onnx_path, "onnx_metrics": evaluate(OnnxModule(onnx_path), test_set, desc="ONNX Runtime"),
            "parity": f"top-1 agreement {report.top1_agreement:.2f}% on {report.images} images, codes equal >= "
                      f"{min(q.match_percent for q in report.quantizers.values()):.3f}%, max "

@@ -94,17 +94,30 @@ def _inspect(trt, logger, plan: bytes) -> dict:
         return {"skipped": f"engine inspector unavailable: {type(e).__name__}"}
 
 
+def check_build_options(target: str = "auto", compute_capability: str | None = None,
+                        batch: tuple[int, int, int] = (1, 8, 32)):
+    """Everything about a build that can be refused before any work: (module, library name)."""
+    trt, library = import_tensorrt(target)
+    lo, opt, hi = batch
+    if not 1 <= lo <= opt <= hi:
+        raise QvitError(f"--batch {lo},{opt},{hi} must be min,opt,max with 1 <= min <= opt <= max")
+    if compute_capability:
+        if library != "tensorrt-rtx":
+            raise QvitError("--compute-capability is for TensorRT-RTX ahead-of-time builds: TensorRT builds for the "
+                            "GPU it runs on, so leave it out or use --target tensorrt-rtx")
+        _compute_capability(trt, compute_capability)
+    return trt, library
+
+
 def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability: str | None = None,
                  batch: tuple[int, int, int] = (1, 8, 32), workspace_mib: int | None = None,
                  timing_cache=None, report_path=None) -> dict:
     """Build a TensorRT plan from a QDQ ONNX file; write it and its build report JSON atomically."""
-    trt, library = import_tensorrt(target)
+    trt, library = check_build_options(target, compute_capability, batch)
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
         raise QvitError(f"ONNX model not found: {onnx_path}")
     lo, opt, hi = batch
-    if not 1 <= lo <= opt <= hi:
-        raise QvitError(f"--batch {lo},{opt},{hi} must be min,opt,max with 1 <= min <= opt <= max")
     logger = _logger(trt)
     builder = trt.Builder(logger)
     weakly_typed = hasattr(trt.BuilderFlag, "INT8")  # TensorRT 10.x; gone in 11.x and TensorRT-RTX
@@ -114,15 +127,13 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)
     if compute_capability:
-        if library != "tensorrt-rtx":
-            raise QvitError("--compute-capability is for TensorRT-RTX ahead-of-time builds: TensorRT builds for the "
-                            "GPU it runs on, so leave it out or use --target tensorrt-rtx")
         config.num_compute_capabilities = 1
         config.set_compute_capability(_compute_capability(trt, compute_capability), 0)
     if workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
-    cache_path = Path(timing_cache) if timing_cache else None
-    if cache_path is not None and hasattr(config, "create_timing_cache"):
+    # TensorRT-RTX keeps no timing cache (its cache calls are no-ops): only TensorRT reads and writes one.
+    cache_path = Path(timing_cache) if timing_cache and library == "tensorrt" else None
+    if cache_path is not None:
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
@@ -156,12 +167,18 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
     }
     report["engine_inspector"] = _inspect(trt, logger, plan) if not compute_capability else \
         {"skipped": "built ahead of time for another target: inspect on that GPU"}
-    write_bytes(plan_path, plan)
-    if cache_path is not None and hasattr(config, "get_timing_cache"):
+    report["timing_cache"] = str(cache_path) if cache_path else ("not used by TensorRT-RTX" if timing_cache else None)
+    if cache_path is not None:
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    # The plan is written last, so a plan on disk always has its report beside it.
     report_path = Path(report_path) if report_path else plan_path.with_suffix(".build.json")
     write_text(report_path, json.dumps(report, indent=2, sort_keys=True))
+    try:
+        write_bytes(plan_path, plan)
+    except BaseException:
+        report_path.unlink(missing_ok=True)
+        raise
     report["report"] = str(report_path)
     return report
 
@@ -204,9 +221,14 @@ class EngineModule:
     def __call__(self, x):
         import torch
 
+        max_batch = self.engine.get_tensor_profile_shape(self.input, 0)[2][0] if self.engine.num_optimization_profiles \
+            else self.engine.get_tensor_shape(self.input)[0]
+        if len(x) > max_batch:  # the engine's profile bounds the batch: run in pieces
+            return torch.cat([self(part) for part in x.split(max_batch)])
         in_dtype = self.dtypes[self.engine.get_tensor_dtype(self.input)]
         x = x.to("cuda", in_dtype).contiguous()
-        self.context.set_input_shape(self.input, tuple(x.shape))
+        if not self.context.set_input_shape(self.input, tuple(x.shape)):
+            raise QvitError(f"the engine does not accept input shape {tuple(x.shape)}: rebuild it with a wider --batch")
         out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), device="cuda",
                           dtype=self.dtypes[self.engine.get_tensor_dtype(self.output)])
         self.context.set_tensor_address(self.input, x.data_ptr())

@@ -20,13 +20,15 @@ from .errors import QvitError
 
 
 def _scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
-    """Identity in the forward pass, gradient multiplied by g in the backward pass."""
-    return (x - x * g).detach() + x * g
+    """Exactly x in the forward pass (x + 0, never (x - xg) + xg, which can be 1 ulp off), gradient times g."""
+    xg = x * g
+    return x.detach() + (xg - xg.detach())
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round() whose gradient is the identity (straight-through estimator)."""
-    return (x.round() - x).detach() + x
+    """round() whose gradient is the identity (straight-through estimator). Exact: |round(x) - x| <= 0.5, so
+    the difference and the sum are both representable (Sterbenz)."""
+    return x + (x.round() - x).detach()
 
 
 def code_range(bits: int, signed: bool) -> tuple[int, int]:

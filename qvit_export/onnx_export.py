@@ -143,17 +143,23 @@ class DecomposedLayerNorm(nn.Module):
         self.weight, self.bias = norm.weight, norm.bias
 
     def forward(self, x):
-        mean = x.mean(dim=-1, keepdim=True)
-        centred = x - mean
-        y = centred / torch.sqrt((centred * centred).mean(dim=-1, keepdim=True) + self.eps)
+        # Statistics in FP32 even in an FP16 graph: squares of |x - mean| > 256 overflow FP16.
+        x32 = x.float()
+        centred = x32 - x32.mean(dim=-1, keepdim=True)
+        y = (centred / torch.sqrt((centred * centred).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
         return y * self.weight + self.bias if self.weight is not None else y
 
 
 # ---- the export twin -----------------------------------------------------------------------------
 
-def _check_deployable(model: nn.Module) -> None:
+def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
     """The default scheme is deployable by construction; refuse anything else with the layer's name."""
+    cfg = getattr(model, "qvit_config", None)
     for name, mod in model.named_modules():
+        if options.precision == "int4" and isinstance(mod, QuantLinear) and mod.weight_quantizer.bits > 4 \
+                and not (cfg is not None and cfg.is_edge(name)):
+            raise QvitError(f"layer '{name}' has {mod.weight_quantizer.bits}-bit weights, which INT4 cannot hold: "
+                            "export with --precision int8, or retrain with w_bits <= 4")
         if isinstance(mod, LSQQuantizer):
             if not mod.initialized:
                 raise QvitError(f"quantizer '{name}' is uncalibrated: calibrate or train the model before export")
@@ -166,7 +172,7 @@ def _check_deployable(model: nn.Module) -> None:
 
 def export_twin(model: nn.Module, options: ExportOptions) -> nn.Module:
     """A copy of the quantized model whose layers emit the QDQ graph; same maths, ONNX-friendly form."""
-    _check_deployable(model)
+    _check_deployable(model, options)
     dtype = torch.float16 if options.dtype == "fp16" else torch.float32
     twin = copy.deepcopy(model).eval()
     for name, mod in list(twin.named_modules()):

@@ -97,7 +97,7 @@ def _prune_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
-def _to_int4(model, is_edge) -> None:
+def _to_int4(model, weight_bits: dict[str, int]) -> None:
     """INT8 weight codes of MatMul layers → INT4 initializers with block quantization (block = all of K)."""
     import onnx
     from onnx import helper, numpy_helper
@@ -114,13 +114,13 @@ def _to_int4(model, is_edge) -> None:
         if [u.op_type for u in users.get(node.output[0], [])] != ["MatMul"]:
             continue  # Conv (patch embedding) stays INT8: TensorRT has no INT4 convolution
         layer = owner[: -len(".weight_quantizer")]
+        if weight_bits[layer] > 4:
+            continue  # an 8-bit first/last layer stays INT8 (export_twin refused any other)
         codes = numpy_helper.to_array(inits[node.input[0]])
-        if codes.min() < -8 or codes.max() > 7:
-            if is_edge(layer):
-                continue
-            raise QvitError(f"layer '{layer}' has 8-bit weights, which INT4 cannot hold: export with --precision "
-                            "int8, or retrain with w_bits <= 4")
         k, n = codes.shape
+        if n % 2:
+            raise QvitError(f"layer '{layer}' has {n} output channels; TensorRT's INT4 weights need an even count: "
+                            "export with --precision int8")
         scale = numpy_helper.to_array(inits[node.input[1]]).reshape(1, n)
         # Fresh initializers: the INT8 ones may be shared with other nodes after onnxsim (pruned below if not).
         for index, suffix, tensor in (
@@ -160,7 +160,8 @@ def finalize(model, torch_model, options, opset: int, metadata: dict):
 
     cfg = getattr(torch_model, "qvit_config", None)
     if options.precision == "int4":
-        _to_int4(model, lambda layer: cfg is not None and cfg.is_edge(layer))
+        _to_int4(model, {name[: -len(".weight_quantizer")]: q.bits for name, q in torch_model.named_modules()
+                         if name.endswith(".weight_quantizer")})
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset

@@ -95,7 +95,11 @@ def ort_session(model_or_path, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
     src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad files
+        where = "the ONNX model" if hasattr(model_or_path, "SerializeToString") else model_or_path
+        raise QvitError(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0][:200]}") from None
 
 
 def _tapped_model(onnx_model, outputs: dict[str, str]):
@@ -115,7 +119,7 @@ def _forced_codes(model: nn.Module, names: set[str]):
     forced: dict[str, np.ndarray] = {}
 
     def hook(m, inp, out, name):
-        own[name] = m.int_codes(inp[0])
+        own[name] = torch.round(out.float() / m.scale().float()).to(torch.int32)  # what the forward pass computed
         return torch.from_numpy(forced[name]).reshape(out.shape).to(out.dtype) * m.scale().to(out.dtype)
 
     hooks = [q.register_forward_hook(lambda m, inp, out, name=name: hook(m, inp, out, name))
@@ -199,5 +203,34 @@ class OnnxModule(nn.Module):
         self.input_type = np.float16 if "float16" in inp.type else np.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.cpu().numpy().astype(self.input_type)})[0]
+        try:
+            out = self.session.run(None, {self.input_name: x.cpu().numpy().astype(self.input_type)})[0]
+        except Exception as e:  # noqa: BLE001 - wrong shapes surface as ORT's own exception types
+            raise QvitError(f"ONNX Runtime rejected images of shape {tuple(x.shape)}: {str(e).splitlines()[0][:160]}; "
+                            "is --data the model's dataset?") from None
         return torch.from_numpy(out.astype(np.float32))
+
+
+def export_with_parity(model: nn.Module, onnx_path, images: torch.Tensor, options=None, metadata: dict | None = None,
+                       simplify: bool = True, report_path=None, min_top1: float = MIN_TOP1_AGREEMENT,
+                       min_codes: float = MIN_CODE_MATCH, max_lsb: int = MAX_LSB,
+                       progress: bool = True) -> ParityReport:
+    """Export, prove parity on ``images``, and only then put the ONNX file at ``onnx_path``.
+
+    The JSON report is written beside it (or at ``report_path``) pass or fail: on failure it is the evidence,
+    and the error names it.
+    """
+    from .atomic import atomic_path
+    from .onnx_export import ExportOptions, export_onnx
+
+    onnx_path = Path(onnx_path)
+    report_path = Path(report_path) if report_path else onnx_path.with_suffix(".parity.json")
+    with atomic_path(onnx_path) as tmp:
+        export_onnx(model, tmp, options or ExportOptions(), metadata, simplify=simplify)
+        report = compare(model, tmp, images, progress=progress)
+        write_report(report, report_path)
+        failures = report.failures(min_top1, min_codes, max_lsb)
+        if failures:
+            raise QvitError(f"parity below thresholds ({failures[0]}; {len(failures)} in all, see {report_path}): "
+                            "the ONNX was not written; pass --no-parity to keep it anyway")
+    return report

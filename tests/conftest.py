@@ -9,6 +9,8 @@ from qvit_export import create_model
 from qvit_export.data import fashion_mnist, photo_batch
 from qvit_export.demo import DEMO_KWARGS, DEMO_MODEL, calibration_batches, fashion_teacher
 
+FIGURES: list[str] = []  # measured figures, printed at the end of the run (they are what the issues ask to report)
+
 CACHE = Path(os.environ.get("QVIT_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "tests"))
 
 
@@ -39,3 +41,16 @@ def small_vit():
     """The demo architecture, random init: quick enough for gradient and checkpoint tests."""
     torch.manual_seed(0)
     return create_model(DEMO_MODEL, **DEMO_KWARGS).eval()
+
+
+@pytest.fixture(scope="session")
+def figures():
+    """Call with a line of measured figures; the run's terminal summary lists them all."""
+    return FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("figures measured by this run")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -79,6 +79,29 @@ def test_failed_save_leaves_nothing_behind(quantized, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_write_removes_the_folders_it_made(tmp_path):
+    from qvit_export.atomic import atomic_path
+
+    with pytest.raises(RuntimeError):
+        with atomic_path(tmp_path / "a" / "b" / "f.txt") as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_payloads_are_one_line(quantized, tmp_path):
+    raw = torch.load(save_checkpoint(tmp_path / "good.pt", quantized), weights_only=True)
+    torch.save(raw | {"model": {"kwargs": {}}}, tmp_path / "noname.pt")
+    _one_line_error(tmp_path / "noname.pt", "well-formed model name")
+    data = bytearray((tmp_path / "good.pt").read_bytes())
+    for i in range(200, len(data), 997):  # flip bytes throughout: zip records, pickle, tensor storage
+        data[i] ^= 0xFF
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(QvitError) as err:
+        load_checkpoint(tmp_path / "flipped.pt")
+    assert "\n" not in str(err.value)
+
+
 def test_save_needs_to_know_the_architecture(tmp_path):
     import timm
 

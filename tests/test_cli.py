@@ -29,7 +29,6 @@ def w4a4_ckpt(fmnist_teacher, fmnist_calibration, tmp_path_factory):
 
 
 def test_export_with_engine_end_to_end(w4a4_ckpt, tmp_path):
-    pytest.importorskip("tensorrt_rtx_bindings", reason="the trt-rtx extra is not installed")
     plan = tmp_path / "out" / "w4a4.plan"
     r = run("qvit_export", "--ckpt", w4a4_ckpt, "--engine", plan, "--precision", "int4", "--target", "tensorrt-rtx",
             "--compute-capability", "sm89", "--batch", "1,8,32", "--parity-images", 2000)
@@ -43,7 +42,7 @@ def test_export_with_engine_end_to_end(w4a4_ckpt, tmp_path):
     assert build["batch"] == {"min": 1, "opt": 8, "max": 32} and build["qdq_layers"]
 
 
-def test_eval_onnx_matches_checkpoint(w4a4_ckpt, tmp_path):
+def test_eval_onnx_matches_checkpoint(w4a4_ckpt, tmp_path, figures):
     onnx_path = tmp_path / "m.onnx"
     assert run("qvit_export", "--ckpt", w4a4_ckpt, "--onnx", onnx_path, "--no-parity").returncode == 0
     results = {}
@@ -51,7 +50,7 @@ def test_eval_onnx_matches_checkpoint(w4a4_ckpt, tmp_path):
         r = run("qvit_eval", flag, src, "--limit", 2000, "--json", tmp_path / f"{flag[2:]}.json")
         assert r.returncode == 0, r.stderr[-2000:]
         results[flag] = json.loads((tmp_path / f"{flag[2:]}.json").read_text())
-    print(f"\nPyTorch {results['--ckpt']['top1']:.2f}%  ONNX Runtime {results['--onnx']['top1']:.2f}%")
+    figures(f"PyTorch {results['--ckpt']['top1']:.2f}%  ONNX Runtime {results['--onnx']['top1']:.2f}%")
     assert abs(results["--ckpt"]["top1"] - results["--onnx"]["top1"]) <= 0.1
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in one_error_line(run("qvit_eval", "--engine", tmp_path / "any.plan"))
@@ -84,7 +83,6 @@ def test_parity_failure_leaves_no_onnx(w4a4_ckpt, tmp_path):
 
 
 def test_missing_tensorrt_keeps_the_onnx(w4a4_ckpt, tmp_path):
-    pytest.importorskip("tensorrt_rtx_bindings", reason="the trt-rtx extra is not installed")
     try:
         import tensorrt  # noqa: F401
         pytest.skip("NVIDIA TensorRT is installed here")
@@ -94,6 +92,16 @@ def test_missing_tensorrt_keeps_the_onnx(w4a4_ckpt, tmp_path):
                               "tensorrt", "--no-parity"))
     assert "pip install" in line and "Docker" in line and "ONNX is kept" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_bad_engine_options_fail_before_any_work(w4a4_ckpt, tmp_path):
+    line = one_error_line(run("qvit_export", "--ckpt", w4a4_ckpt, "--engine", tmp_path / "new" / "m.plan",
+                              "--target", "tensorrt-rtx", "--compute-capability", "sm87"))
+    assert "sm87" in line and "sm89" in line
+    line = one_error_line(run("qvit_export", "--ckpt", w4a4_ckpt, "--engine", tmp_path / "new" / "m.plan",
+                              "--target", "tensorrt-rtx", "--batch", "8,4,32"))
+    assert "min,opt,max" in line
+    assert not (tmp_path / "new").exists()
 
 
 def test_float_checkpoint_is_refused(fmnist_teacher, tmp_path):

@@ -27,6 +27,24 @@ def _counts_match_quantizers(graph, model):
     assert qdq_counts(graph) == {"QuantizeLinear": activations, "DequantizeLinear": len(named)}
 
 
+def _stored_weights_equal_forward(graph, model):
+    """Stored integer weights times their scales equal PyTorch's fake-quantized weights, bit for bit."""
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    checked = 0
+    for node in graph.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            layer = model.get_submodule(node.name.split("/")[0].rsplit(".", 1)[0])
+            codes, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
+            stored = torch.from_numpy(codes * (scale.reshape(1, -1) if codes.ndim == 2 else scale.reshape(-1, 1, 1, 1)))
+            with torch.no_grad():
+                expected = layer.weight_quantizer(layer.weight)
+            assert torch.equal(stored.T if codes.ndim == 2 else stored, expected), node.name
+            checked += 1
+    assert checked == sum(1 for _, q in quantizers(model) if q.per_channel)
+
+
 def _zero_points(graph):
     from onnx import numpy_helper
 
@@ -52,13 +70,14 @@ def photo_exports(photos_224, tmp_path_factory):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("name", PHOTO_MODELS)
-def test_photo_models_qdq_graph_and_codes(name, bits, photo_exports):
+def test_photo_models_qdq_graph_and_codes(name, bits, photo_exports, figures):
     qm, path, report = photo_exports[name, bits]
     graph = onnx.load(str(path))
     _counts_match_quantizers(graph, qm)
     assert all(np.all(z == 0) and z.dtype == np.int8 for z in _zero_points(graph))
     assert report.weights_identical, report.weight_mismatches
-    print(f"\n{name} W{bits}A{bits}: {report.table(rows=2)}")
+    _stored_weights_equal_forward(graph, qm)
+    figures(f"{name} W{bits}A{bits}: {report.table(rows=2)}")
     # Random-init logits are nearly tied, so top-1 is not asserted here; every quantizer's codes are.
     code_failures = [f for f in report.failures() if not f.startswith("top-1")]
     assert not code_failures, code_failures
@@ -108,12 +127,11 @@ def fmnist_exports(fmnist_teacher, fmnist_calibration, tmp_path_factory):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_fashion_mnist_parity_on_10000_images(bits, fmnist_exports, fmnist_test, record_property):
+def test_fashion_mnist_parity_on_10000_images(bits, fmnist_exports, fmnist_test, figures):
     qm, path = fmnist_exports[bits]
     _counts_match_quantizers(onnx.load(str(path)), qm)
     report = compare(qm, path, fmnist_test.tensors[0], progress=False)
-    print(f"\nW{bits}A{bits} demo ViT: {report.table(rows=3)}")
-    record_property(f"w{bits}a{bits}_top1_agreement", report.top1_agreement)
+    figures(f"W{bits}A{bits} demo ViT: {report.table(rows=3)}")
     assert report.images == 10_000
     assert report.failures() == []
 
@@ -128,11 +146,12 @@ def test_int4_weights_are_block_quantized_int4(fmnist_exports, fmnist_test):
     assert len(int4) == 4 * 4  # qkv, proj, fc1, fc2 per block; patch embedding (Conv) and head stay INT8
     assert all({a.name: a.i for a in n.attribute}["block_size"] == inits[n.input[0]].dims[0] for n in int4)
     assert graph.opset_import[0].version == 21
+    _stored_weights_equal_forward(graph, qm)
     report = compare(qm, path, fmnist_test.tensors[0][:2000], progress=False)
     assert report.weights_identical and report.failures() == []
 
 
-def test_fp16_graph(fmnist_exports, fmnist_test):
+def test_fp16_graph(fmnist_exports, fmnist_test, figures):
     """FP16 outside the QDQ pairs moves values across code boundaries: predictions near ties change, accuracy
     does not (the codes stay within 1 LSB when each layer starts from the same inputs)."""
     from qvit_export.parity import OnnxModule
@@ -145,12 +164,12 @@ def test_fp16_graph(fmnist_exports, fmnist_test):
     assert graph.opset_import[0].version == 19
     images = fmnist_test.tensors[0][:2000]
     report = compare(qm, path16, images, progress=False)
-    print(f"\nfp16 graph vs fp32 PyTorch: {report.table(rows=3)}")
+    figures(f"fp16 graph vs fp32 PyTorch: {report.table(rows=3)}")
     assert report.weights_identical and not report.failures(min_top1=90.0, min_codes=98.0)
     subset = torch.utils.data.TensorDataset(images, fmnist_test.tensors[1][:2000])
     top1_fp16 = evaluate(OnnxModule(path16), subset, progress=False)["top1"]
     top1_torch = evaluate(qm, subset, progress=False)["top1"]
-    print(f"top-1: PyTorch fp32 {top1_torch:.2f}%, ONNX fp16 {top1_fp16:.2f}%")
+    figures(f"top-1: PyTorch fp32 {top1_torch:.2f}%, ONNX fp16 {top1_fp16:.2f}%")
     assert abs(top1_fp16 - top1_torch) <= 1.0
 
 
@@ -191,9 +210,8 @@ def test_refusals_name_the_layer_and_the_fix(fmnist_exports, tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_tensorrt_rtx_builds_sm89_engine(precision, fmnist_exports, tmp_path):
-    pytest.importorskip("tensorrt_rtx_bindings", reason="the trt-rtx extra is not installed")
-    from qvit_export.engine import build_engine
+def test_tensorrt_rtx_builds_sm89_engine(precision, fmnist_exports, tmp_path, figures):
+    from qvit_export.engine import build_engine  # make test installs the trt-rtx extra: no skip
 
     qm, path = fmnist_exports[4]
     onnx_path = export_onnx(qm, tmp_path / "m.onnx", ExportOptions(precision=precision))
@@ -205,7 +223,8 @@ def test_tensorrt_rtx_builds_sm89_engine(precision, fmnist_exports, tmp_path):
     assert (tmp_path / "m.plan").stat().st_size == report["plan_bytes"] > 0
     saved = json.loads((tmp_path / "m.build.json").read_text())
     assert saved["library"] == "tensorrt-rtx" and saved["target"] == "sm89" and saved["precision"] == precision
-    print(f"\n{precision}: plan {report['plan_bytes'] / 1e6:.2f} MB, {report['layers']} layers, "
+    assert saved["timing_cache"] == "not used by TensorRT-RTX" and not (tmp_path / "cache.bin").exists()
+    figures(f"{precision}: plan {report['plan_bytes'] / 1e6:.2f} MB, {report['layers']} layers, "
           f"{report['build_seconds']:.1f} s")
 
 
@@ -226,7 +245,6 @@ def test_static_batch_graph_and_engine(fmnist_exports, tmp_path):
     path = export_onnx(qm, tmp_path / "static.onnx", ExportOptions(dynamic_batch=False))
     dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 1, 28, 28]
-    pytest.importorskip("tensorrt_rtx_bindings", reason="the trt-rtx extra is not installed")
     from qvit_export.engine import build_engine
 
     report = build_engine(path, tmp_path / "static.plan", target="tensorrt-rtx", compute_capability="sm89")

@@ -16,30 +16,28 @@ def test_teacher_learned_the_task(fp_top1):
     assert fp_top1 > 80.0  # 10 classes: chance is 10%
 
 
-def test_w8a8_ptq_loses_at_most_one_point(fmnist_teacher, fmnist_test, fmnist_calibration, fp_top1, record_property):
+def test_w8a8_ptq_loses_at_most_one_point(fmnist_teacher, fmnist_test, fmnist_calibration, fp_top1, figures):
     student = ptq(fmnist_teacher, QuantConfig(w_bits=8, a_bits=8, irm=False), fmnist_calibration)
     top1 = evaluate(student, fmnist_test, progress=False)["top1"]
-    print(f"\nFP {fp_top1:.2f}  W8A8 PTQ {top1:.2f} ({top1 - fp_top1:+.2f})")
-    record_property("w8a8_ptq_top1", top1)
+    figures(f"FP {fp_top1:.2f}  W8A8 PTQ {top1:.2f} ({top1 - fp_top1:+.2f})")
     assert top1 >= fp_top1 - 1.0
 
 
 @pytest.mark.parametrize("irm", [False, True])
-def test_w4a4_ptq_figure(irm, fmnist_teacher, fmnist_test, fmnist_calibration, fp_top1, record_property):
+def test_w4a4_ptq_figure(irm, fmnist_teacher, fmnist_test, fmnist_calibration, fp_top1, figures):
     student = ptq(fmnist_teacher, QuantConfig(w_bits=4, a_bits=4, irm=irm), fmnist_calibration)
     top1 = evaluate(student, fmnist_test, progress=False)["top1"]
-    print(f"\nFP {fp_top1:.2f}  W4A4 PTQ{' + IRM' if irm else ''} {top1:.2f} ({top1 - fp_top1:+.2f})")
-    record_property(f"w4a4_ptq{'_irm' if irm else ''}_top1", top1)
+    figures(f"FP {fp_top1:.2f}  W4A4 PTQ{' + IRM' if irm else ''} {top1:.2f} ({top1 - fp_top1:+.2f})")
     assert top1 > 60.0  # well above chance; the exact figure is what we report
 
 
-def test_irm_start_is_close_to_fp(fmnist_teacher, fmnist_test, fmnist_calibration, fp_top1):
+def test_irm_start_is_close_to_fp(fmnist_teacher, fmnist_test, fmnist_calibration, fp_top1, figures):
     """IRM fitted to the FP output recovers most of what LayerNorm on q/k costs; gamma=1, beta=0 does not."""
     results = {}
     for steps in (0, 100):
         student = calibrate(quantize(fmnist_teacher, QuantConfig(irm=True)), fmnist_calibration, irm_steps=steps)
         with quantizers_disabled(student):
             results[steps] = evaluate(student, fmnist_test, progress=False)["top1"]
-    print(f"\nFP {fp_top1:.2f}  IRM gamma=1,beta=0 {results[0]:.2f}  IRM fitted {results[100]:.2f} (quantizers off)")
+    figures(f"FP {fp_top1:.2f}  IRM gamma=1,beta=0 {results[0]:.2f}  IRM fitted {results[100]:.2f} (quantizers off)")
     assert results[100] > results[0] + 3
     assert results[100] >= fp_top1 - 6

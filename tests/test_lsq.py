@@ -28,6 +28,17 @@ def test_forward_is_clamped_rounding_times_step(bits, signed):
     assert q.int_codes(x).dtype == torch.int32
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_forward_is_exact_for_any_step(bits):
+    """The gradient-scaling trick must leave the step bit-exact, or outputs drift from the integer codes."""
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(4096, generator=gen) * 4
+    qmin, qmax = code_range(bits, True)
+    for step in torch.rand(300, generator=gen) * 2 + 1e-3:
+        q = _quantizer(bits, True, step)
+        assert torch.equal(q(x), torch.clamp(torch.round(x / step), qmin, qmax) * step), float(step)
+
+
 def test_code_ranges_fit_int8_with_zero_point_zero():
     assert code_range(4, True) == (-8, 7)
     assert code_range(2, True) == (-2, 1)

@@ -92,6 +92,16 @@ def test_calibration_methods_give_positive_steps(method, small_vit, fmnist_calib
     assert all(q.initialized and q.scale().gt(0).all() for _, q in quantizers(qm))
 
 
+def test_lsq_and_percentile_rules():
+    from qvit_export.calibrate import PERCENTILE, step_lsq, step_percentile
+
+    x = torch.linspace(-3, 5, 10_001)
+    assert torch.equal(step_lsq(x, 7), 2 * x.abs().mean() / 7**0.5)
+    torch.testing.assert_close(step_percentile(x, 7), torch.quantile(x.abs(), PERCENTILE / 100) / 7)
+    w = torch.randn(4, 50)
+    assert torch.equal(step_lsq(w, 127, dim=1), 2 * w.abs().mean(dim=1) / 127**0.5)
+
+
 def test_mse_step_beats_lsq_rule_on_weights(small_vit):
     from qvit_export.calibrate import step_lsq, step_mse
 
