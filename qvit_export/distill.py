@@ -62,7 +62,7 @@ def dgd_loss(student: QKTap, teacher: QKTap) -> torch.Tensor:
                          "DGD needs the same depth on both sides")
     total = student.q[0].new_zeros((), dtype=torch.float32)
     for s_side, t_side in ((student.q, teacher.q), (student.k, teacher.k)):
-        for s, t in zip(s_side, t_side):
+        for s, t in zip(s_side, t_side, strict=True):
             diff = similarity(s) - similarity(t.detach())
             total = total + diff.flatten(2).norm(dim=-1).sum(dim=1).mean()
     return total

@@ -17,7 +17,6 @@ from .atomic import atomic_path
 from .errors import QvitError
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-SCALE_SUFFIXES = (".input_quantizer.scale", ".weight_scale", "_quantizer.scale")
 
 
 def quantizer_of(scale_name: str) -> str | None:

@@ -170,7 +170,7 @@ def compare(model: nn.Module, onnx_path, images, batch_size: int = 250, progress
         report.logits += diff.size
 
         own, forced, hooks = _forced_codes(model, set(tap_names))
-        forced.update(zip(tap_names, tapped.run([taps[n] for n in tap_names], feed)))
+        forced.update(zip(tap_names, tapped.run([taps[n] for n in tap_names], feed), strict=True))
         try:
             with torch.no_grad():
                 model(x)

@@ -1,6 +1,5 @@
 """PTQ on the small ViT trained on Fashion-MNIST, measured on all 10,000 test images."""
 import pytest
-import torch
 
 from qvit_export import QuantConfig, calibrate, quantize, quantizers_disabled
 from qvit_export.demo import ptq
