@@ -96,42 +96,46 @@ class ActivationQDQ(nn.Module):
         return _ActivationQDQ.apply(x, self.scale, self.clip_min, self.clip_max, self.qmin, self.qmax, self.clip)
 
 
-class ExportLinear(nn.Module):
-    """x → QDQ → MatMul with DQ(INT8 weight [in, out], axis 1) → Add bias."""
+class _ExportWeightLayer(nn.Module):
+    """The input QDQ, INT8 weight codes, per-channel scales and zero points that Linear and Conv share.
+    ``axis`` is the output-channel axis of the stored weight (1 for MatMul's [in, out], 0 for Conv)."""
 
-    def __init__(self, layer: QuantLinear, dtype: torch.dtype):
+    axis = 0
+
+    def __init__(self, layer: QuantLinear | QuantConv2d, dtype: torch.dtype):
         super().__init__()
         wq = layer.weight_quantizer
+        codes = wq.int_codes(layer.weight).to(torch.int8)
         self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype)
-        self.register_buffer("weight_codes", wq.int_codes(layer.weight).to(torch.int8).t().contiguous())
+        self.register_buffer("weight_codes", codes.t().contiguous() if self.axis == 1 else codes)
         self.register_buffer("weight_scale", wq.scale().reshape(-1).to(dtype))
-        self.register_buffer("weight_zero", torch.zeros_like(self.weight_codes[0]))
+        self.register_buffer("weight_zero", torch.zeros(codes.shape[0], dtype=torch.int8))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
-        self.weight_bits = wq.bits
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero, self.axis)
+
+
+class ExportLinear(_ExportWeightLayer):
+    """x → QDQ → MatMul with DQ(INT8 weight [in, out], axis 1) → Add bias."""
+
+    axis = 1
 
     def forward(self, x):
-        w = _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero, 1)
-        y = torch.matmul(self.input_quantizer(x), w)
+        y = torch.matmul(self.input_quantizer(x), self.dequantized_weight())
         return y if self.bias is None else y + self.bias
 
 
-class ExportConv2d(nn.Module):
+class ExportConv2d(_ExportWeightLayer):
     """x → QDQ → Conv with DQ(INT8 weight [Cout, Cin, kh, kw], axis 0)."""
 
     def __init__(self, layer: QuantConv2d, dtype: torch.dtype):
-        super().__init__()
-        wq = layer.weight_quantizer
-        self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype)
-        self.register_buffer("weight_codes", wq.int_codes(layer.weight).to(torch.int8))
-        self.register_buffer("weight_scale", wq.scale().reshape(-1).to(dtype))
-        self.register_buffer("weight_zero", torch.zeros(self.weight_codes.shape[0], dtype=torch.int8))
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+        super().__init__(layer, dtype)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
 
     def forward(self, x):
-        w = _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero, 0)
-        return nn.functional.conv2d(self.input_quantizer(x), w, self.bias, self.stride, self.padding,
-                                    self.dilation, self.groups)
+        return nn.functional.conv2d(self.input_quantizer(x), self.dequantized_weight(), self.bias, self.stride,
+                                    self.padding, self.dilation, self.groups)
 
 
 class DecomposedLayerNorm(nn.Module):

@@ -152,7 +152,7 @@ def check_tensorrt_rules(model) -> None:
 
 
 def finalize(model, torch_model, options, opset: int, metadata: dict):
-    """Name nodes, apply the precision, set opset and metadata, and check the result."""
+    """Apply the precision, set opset and metadata, and check the result (nodes were named by prepare)."""
     import onnx
 
     from . import __version__
