@@ -1,8 +1,9 @@
-"""Command-line entry points: qvit-export and qvit-eval (thin: parse, call the library, report)."""
+"""Command-line entry points: qvit-train, qvit-export and qvit-eval (thin: parse, call the library, report)."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -138,6 +139,61 @@ def export_main(argv=None) -> int:
     return 0
 
 
+# ---- qvit-train -------------------------------------------------------------------------------------
+
+_SHORTCUTS = (("epochs", int), ("batch_size", int), ("lr", float), ("teacher", str), ("data", str), ("seed", int))
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qvit-train", description="Train an FP teacher or a Q-ViT student (QAT with IRM "
+                                "and DGD) from a recipe; one process, or many under torchrun.")
+    p.add_argument("--recipe", help="models/<name>.yaml by name, or a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key (repeatable; augment.KEY for augmentation), e.g. --set w_bits=3")
+    for key, kind in _SHORTCUTS:
+        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"same as --set {key}=...")
+    p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
+    p.add_argument("--resume", help="a run's last.pt: continue that run exactly where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    return p
+
+
+def train_main(argv=None) -> int:
+    args = train_parser().parse_args(argv)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"  # calibration's and IRM's bars too
+    from .recipe import load_recipe, parse_override, validate
+
+    overrides = dict(parse_override(text) for text in args.set)
+    overrides |= {key: getattr(args, key) for key, _ in _SHORTCUTS if getattr(args, key) is not None}
+    if args.resume:
+        from .checkpoint import read_checkpoint
+
+        if args.recipe or overrides:
+            raise QvitError("--resume continues the saved recipe unchanged: drop --recipe, --set and the shortcuts")
+        saved = read_checkpoint(args.resume)["extra"]
+        if "train_state" not in saved:
+            raise QvitError(f"{args.resume} holds no training state: resume from a run's last.pt, not best.pt")
+        recipe = validate(dict(saved["recipe"]))
+        out = Path(args.out) if args.out else Path(args.resume).parent
+    else:
+        if not args.recipe:
+            raise QvitError("give --recipe (a name in models/ or a YAML file), or --resume RUN/last.pt")
+        recipe = load_recipe(args.recipe, overrides)
+        out = Path(args.out or Path("runs") / recipe["name"])
+        if (out / "last.pt").exists():
+            raise QvitError(f"{out} already holds a run: continue it with --resume {out / 'last.pt'}, or choose "
+                            "another --out")
+    from .trainer import train
+
+    result = train(recipe, out, resume=args.resume, progress=not args.no_progress)
+    best = result["best"]
+    if best is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(f"best: epoch {best['epoch']}, val top-1 {best['val_top1']:.2f}% -> {out / 'best.pt'} "
+              f"(metrics {out / 'metrics.csv'}, curves {out / 'curves.png'})")
+    return 0
+
+
 # ---- qvit-eval --------------------------------------------------------------------------------------
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -196,6 +252,10 @@ def eval_main(argv=None) -> int:
 
 def qvit_export() -> None:
     sys.exit(_run(export_main, None))
+
+
+def qvit_train() -> None:
+    sys.exit(_run(train_main, None))
 
 
 def qvit_eval() -> None:

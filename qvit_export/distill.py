@@ -73,3 +73,17 @@ def tapped(student: nn.Module, teacher: nn.Module):
     """Tap both models for one step: ``with tapped(s, t) as (ts, tt): s(x); t(x); loss = dgd_loss(ts, tt)``."""
     with QKTap(student) as ts, QKTap(teacher) as tt:
         yield ts, tt
+
+
+def logit_distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str,
+                       tau: float = 1.0) -> torch.Tensor:
+    """DeiT's distillation term: 'soft' = KL(teacher ‖ student) at temperature tau (times tau², so gradients
+    keep their size), 'hard' = cross-entropy against the teacher's top-1."""
+    teacher_logits = teacher_logits.detach().float()
+    student_logits = student_logits.float()
+    if kind == "soft":
+        return F.kl_div(F.log_softmax(student_logits / tau, dim=-1), F.log_softmax(teacher_logits / tau, dim=-1),
+                        reduction="batchmean", log_target=True) * tau * tau
+    if kind == "hard":
+        return F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
+    raise ValueError(f"distillation kind {kind!r}: choose soft or hard")

@@ -90,7 +90,8 @@ class LSQQuantizer(nn.Module):
         # N: elements that share one step (per sample for activations, per channel for weights).
         n = x.numel() / (self.step.numel() if self.per_channel else x.shape[0])
         s = _scale_grad(self.step.clamp_min(torch.finfo(self.step.dtype).tiny), 1.0 / math.sqrt(n * self.qmax))
-        return _round_ste(torch.clamp(x / s, self.qmin, self.qmax)) * s
+        # Codes in float32 even under autocast: bfloat16 cannot tell x/s = 126.6 from 126.5.
+        return (_round_ste(torch.clamp(x.float() / s, self.qmin, self.qmax)) * s).to(x.dtype)
 
     # The integer range and calibration state travel with the state dict, so a checkpoint is self-contained.
     def get_extra_state(self) -> dict:

@@ -11,26 +11,32 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
+def evaluation_sums(model: nn.Module, loader, desc: str = "eval", progress: bool = True) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, summed cross-entropy, images] as float64: sums add up across processes."""
+    device = next(iter(model.parameters()), torch.zeros(0)).device  # an ONNX/TensorRT wrapper has none
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64)
+    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        x, y = x.to(device), y.to(device)
+        logits = model(x).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(dim=1).sum().item(),
+                              F.cross_entropy(logits, y, reduction="sum").item(), y.numel()], dtype=torch.float64)
+    model.train(was_training)
+    return sums
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict:
+    hits1, hits5, loss, total = sums.tolist()
+    return {"top1": 100.0 * hits1 / total, "top5": 100.0 * hits5 / total, "loss": loss / total, "images": int(total)}
+
+
 def evaluate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 500, desc: str = "eval",
              progress: bool = True) -> dict:
     """top-1 and top-5 accuracy (percent) and mean cross-entropy of ``model`` on labelled data."""
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
-    device = next(iter(model.parameters()), torch.zeros(0)).device  # an ONNX/TensorRT wrapper has none
-    was_training = model.training
-    model.eval()
-    correct1 = correct5 = total = 0
-    loss_sum = 0.0
-    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-        total += y.numel()
-    model.train(was_training)
-    return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total, "loss": loss_sum / total,
-            "images": total}
+    return metrics_from_sums(evaluation_sums(model, loader, desc, progress))
 
 
 def train_classifier(model: nn.Module, data: Dataset, epochs: int, batch_size: int = 128, lr: float = 1e-3,

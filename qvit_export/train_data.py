@@ -1,0 +1,145 @@
+"""Training and validation data for qvit-train: Fashion-MNIST (in memory) or an ImageNet-layout folder through
+timm's data pipeline, with augmentation that is a function of (seed, epoch, sample index) alone.
+
+Seeding each sample's augmentation from its index, not from a shared random stream, makes a run independent of
+how many processes and loader workers share the work (the torchrun test relies on it) and lets a resumed run
+draw exactly the augmentations the interrupted one would have.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
+from .errors import QvitError
+
+_BACKGROUND = (0.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD  # a black pixel after normalisation
+
+
+class SeededAugment(Dataset):
+    """``transform(base[i])`` with torch's and Python's random state seeded from (seed, epoch, i).
+
+    ``plain`` is the transform without augmentation (calibration images come through it).
+    """
+
+    def __init__(self, base: Dataset, transform, seed: int, plain=None):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+        self.plain = plain or (lambda x: x)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        x, y = self.base[i]
+        sample_seed = hash((self.seed, self.epoch, int(i))) & 0x7FFF_FFFF_FFFF_FFFF  # tuples of ints hash stably
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            saved = random.getstate()
+            random.seed(sample_seed)
+            try:
+                x = self.transform(x)
+            finally:
+                random.setstate(saved)
+        return x, y
+
+
+class FashionAugment:
+    """Random crop after zero padding, and a horizontal flip, on a normalised [1, 28, 28] tensor."""
+
+    def __init__(self, crop_padding: int, hflip: float):
+        self.pad, self.hflip = int(crop_padding), float(hflip)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            h, w = x.shape[-2:]
+            x = F.pad(x, (self.pad,) * 4, value=_BACKGROUND)
+            i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
+            x = x[..., i:i + h, j:j + w]
+        if self.hflip and torch.rand(()) < self.hflip:
+            x = x.flip(-1)
+        return x
+
+
+def _limit(dataset: Dataset, n: int | None) -> Dataset:
+    return dataset if n is None or n >= len(dataset) else Subset(dataset, range(n))
+
+
+def _fashion(recipe: dict, model) -> tuple[Dataset, Dataset]:
+    if model.patch_embed.proj.in_channels != 1:
+        raise QvitError("Fashion-MNIST images are grey (1 channel) but this model takes RGB: set model_kwargs "
+                        "in_chans: 1 (and img_size: 28), or pass an image folder as data")
+    aug = recipe["augment"]
+    train = _limit(fashion_mnist("train"), recipe["train_limit"])
+    if aug["crop_padding"] or aug["hflip"]:
+        train = SeededAugment(train, FashionAugment(aug["crop_padding"], aug["hflip"]), recipe["seed"])
+    return train, _limit(fashion_mnist("test"), recipe["val_limit"])
+
+
+def _folder_split(root: Path, names: tuple[str, ...], what: str) -> Path:
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    raise QvitError(f"{root} has no {what} folder ({' or '.join(names)}/): lay it out as ImageNet is, "
+                    "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg")
+
+
+def _image_folder(recipe: dict, model) -> tuple[Dataset, Dataset]:
+    from timm.data import create_dataset, create_transform, resolve_data_config
+
+    root = Path(recipe["data"])
+    if not root.is_dir():
+        raise QvitError(f"data folder not found: {root} (use 'fashion-mnist', or an ImageNet-layout folder with "
+                        "train/ and val/)")
+    config = resolve_data_config({}, model=model)
+    aug = recipe["augment"]
+    sets = []
+    for names, training in ((("train",), True), (("val", "validation"), False)):
+        split = _folder_split(root, names, names[0])
+        try:
+            dataset = create_dataset("", root=str(split))
+        except RuntimeError:  # timm refuses a folder without images
+            dataset = []
+        if len(dataset) == 0:
+            raise QvitError(f"no images in {split}: put one sub-folder of images per class there")
+        if training:
+            dataset.transform = None  # SeededAugment applies timm's transform itself, seeded per sample
+            transform = create_transform(**config, is_training=True, hflip=aug["hflip"], scale=tuple(aug["scale"]),
+                                         color_jitter=aug["color_jitter"], auto_augment=aug["auto_augment"] or None,
+                                         re_prob=aug["re_prob"])
+            sets.append(SeededAugment(_limit(dataset, recipe["train_limit"]), transform, recipe["seed"],
+                                      plain=create_transform(**config, is_training=False)))
+        else:
+            dataset.transform = create_transform(**config, is_training=False)
+            sets.append(_limit(dataset, recipe["val_limit"]))
+    return sets[0], sets[1]
+
+
+def training_data(recipe: dict, model) -> tuple[Dataset, Dataset]:
+    """(train, val) datasets for the recipe's data and the model's input."""
+    train, val = (_fashion if recipe["data"] == "fashion-mnist" else _image_folder)(recipe, model)
+    if len(train) == 0 or len(val) == 0:
+        raise QvitError(f"{recipe['data']}: the training or validation split is empty (check train_limit/val_limit)")
+    return train, val
+
+
+def set_epoch(dataset: Dataset, epoch: int) -> None:
+    if isinstance(dataset, SeededAugment):
+        dataset.set_epoch(epoch)
+
+
+def calibration_images(dataset: Dataset, n: int, seed: int, batch_size: int = 256) -> list[torch.Tensor]:
+    """A fixed random draw of ``n`` training images (augmentation off), as batches."""
+    if isinstance(dataset, SeededAugment):
+        base, plain = dataset.base, dataset.plain
+    else:
+        base, plain = dataset, (lambda x: x)
+    pick = torch.randperm(len(base), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    images = [plain(base[i][0]) for i in pick]
+    return [torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]

@@ -1,0 +1,372 @@
+"""qvit-train's engine: FP training (a teacher) and Q-ViT QAT (teacher → quantize → calibrate → train with
+CE + logit distillation + DGD), on one process or many (torchrun: NCCL on GPUs, gloo on the CPU).
+
+What a run directory holds: recipe.yaml (the resolved recipe), metrics.csv (one row per epoch), last.pt (the
+whole training state, every epoch), best.pt (the best validation top-1 so far), curves.png (at the end).
+All written by rank 0, atomically.
+
+Exact resume: data order is DistributedSampler's (seed, epoch); augmentation is seeded per sample
+(train_data.SeededAugment); every other random stream is re-seeded from (seed, rank, epoch) at each epoch
+start. So an epoch's randomness never depends on what ran before it, and a run resumed from last.pt
+replays the interrupted epoch exactly (model, optimizer, scheduler and best metric come from the file).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm.auto import tqdm
+
+from .atomic import write_text
+from .checkpoint import read_checkpoint, save_checkpoint
+from .errors import QvitError
+from .recipe import quant_config, to_yaml
+from .train import evaluation_sums, metrics_from_sums
+from .train_data import calibration_images, set_epoch, training_data
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table")
+CSV_FIELDS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "train_dgd", "val_top1", "val_top5", "val_loss",
+              "images_per_s", "seconds")
+
+
+# ---- processes -------------------------------------------------------------------------------------
+
+class Processes:
+    """This process's place in a torchrun job (or a job of one)."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.to(self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0, epoch: int = 0) -> None:
+    value = hash((seed, rank, epoch)) & 0x7FFF_FFFF
+    torch.manual_seed(value)
+    random.seed(value)
+
+
+# ---- models ----------------------------------------------------------------------------------------
+
+def load_teacher(recipe: dict) -> nn.Module:
+    """The FP teacher: our FP checkpoint, a timm weights file (with the recipe's model), or timm's pretrained."""
+    from .checkpoint import _torch_load
+    from .timm_models import create_model
+
+    spec, name, kwargs = recipe["teacher"], recipe["model"], recipe["model_kwargs"]
+    if spec == "pretrained":
+        if not name:
+            raise QvitError("teacher: pretrained needs model: a timm model name")
+        try:
+            return create_model(name, pretrained=True, **kwargs)
+        except QvitError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the hub fails in many ways offline
+            raise QvitError(f"could not fetch timm's pretrained {name} ({type(e).__name__}): download the weights "
+                            "elsewhere and set teacher to the local file") from None
+    path = Path(spec)
+    if not path.is_file():
+        raise QvitError(f"teacher not found: {path} (train one with qvit-train mode=fp, or give a timm weights file)")
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") is not None:
+        from .checkpoint import load_checkpoint
+
+        ckpt = read_checkpoint(path)
+        if ckpt["quant"] is not None:
+            raise QvitError(f"teacher {path} is a quantized model: the teacher must be the FP model (its best.pt "
+                            "from a mode=fp run)")
+        if name and ckpt["model"]["name"] != name:
+            raise QvitError(f"teacher {path} is a {ckpt['model']['name']} but the recipe says {name}: the student "
+                            "starts from the teacher, so they must match")
+        return load_checkpoint(path)
+    if not name:
+        raise QvitError(f"teacher {path} is a plain weights file: set model (the timm name) in the recipe")
+    try:
+        return create_model(name, weights=str(path), **kwargs)
+    except RuntimeError as e:
+        raise QvitError(f"teacher {path} does not fit {name}: {str(e).splitlines()[0]}") from None
+
+
+def fp_model(recipe: dict) -> nn.Module:
+    from .timm_models import create_model
+
+    extra = {"drop_path_rate": recipe["drop_path"]} if recipe["drop_path"] else {}
+    try:
+        return create_model(recipe["model"], pretrained=recipe["pretrained"], weights=recipe["weights"],
+                            **recipe["model_kwargs"], **extra)
+    except QvitError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise QvitError(f"could not build {recipe['model']} ({type(e).__name__}: {e}): check model, model_kwargs, "
+                        "pretrained and weights") from None
+
+
+def frozen_fp_teacher(teacher: nn.Module) -> nn.Module:
+    """The teacher in quantizable form with every quantizer off: bit-identical to the FP model, and it has the
+    q/k taps DGD reads."""
+    from .config import QuantConfig
+    from .quantize import quantize, set_quantizers_enabled
+
+    twin = quantize(teacher, QuantConfig(w_bits=8, a_bits=8, irm=False))
+    set_quantizers_enabled(twin, False)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin.eval()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on biases, norms, quantizer steps, tokens or position tables."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".step") or any(n in name for n in NO_DECAY_NAMES)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(recipe: dict, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, recipe["weight_decay"])
+    if recipe["optimizer"] == "lamb":
+        from timm.optim import Lamb
+
+        return Lamb(groups, lr=recipe["lr"])
+    return torch.optim.AdamW(groups, lr=recipe["lr"])
+
+
+def make_schedule(recipe: dict, optimizer, steps_per_epoch: int):
+    """Per-step linear warm-up, then cosine from lr down to min_lr."""
+    total = recipe["epochs"] * steps_per_epoch
+    warmup = int(round(recipe["warmup_epochs"] * steps_per_epoch))
+    floor = recipe["min_lr"] / recipe["lr"] if recipe["lr"] else 0.0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- one run ---------------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, recipe: dict, out: Path, resume: Path | None = None, progress: bool = True):
+        self.recipe, self.out, self.progress = recipe, Path(out), progress
+        self.procs = Processes()
+        r = recipe
+        saved = read_checkpoint(resume) if resume else None
+        state = saved["extra"].get("train_state") if saved else None
+        if saved and state is None:
+            raise QvitError(f"{resume} holds no training state: resume from a run's last.pt, not best.pt")
+        seed_everything(r["seed"])
+
+        # Models: the student starts from the teacher's weights, then is calibrated (unless resuming).
+        self.teacher = None
+        if r["mode"] == "qat":
+            from .calibrate import calibrate
+            from .quantize import quantize
+
+            fp = load_teacher(r)
+            self.model = quantize(fp, quant_config(r))
+            self.teacher = frozen_fp_teacher(fp).to(self.procs.device)
+        else:
+            self.model = fp_model(r)
+        self.train_set, self.val_set = self._data()
+        if r["mode"] == "qat" and state is None:
+            batches = calibration_images(self.train_set, r["calibration_images"], r["seed"])
+            calibrate(self.model, batches, irm_steps=r["irm_steps"], seed=r["seed"])
+        if state is not None:
+            self.model.load_state_dict(saved["state_dict"])
+        self.model.to(self.procs.device)
+        if hasattr(self.model, "set_distilled_training"):  # DeiT's distillation token trains on the teacher
+            self.model.set_distilled_training(r["mode"] == "qat" and r["distill"] != "none")
+
+        # Data loading: one global batch split evenly, the same samples per step whatever the process count.
+        if r["batch_size"] % self.procs.world:
+            raise QvitError(f"batch_size {r['batch_size']} does not split over {self.procs.world} processes: "
+                            "make it a multiple of --nproc_per_node")
+        self.sampler = DistributedSampler(self.train_set, num_replicas=self.procs.world, rank=self.procs.rank,
+                                          shuffle=True, seed=r["seed"], drop_last=True)
+        workers = 0 if r["data"] == "fashion-mnist" else r["workers"]
+        self.loader = DataLoader(self.train_set, batch_size=r["batch_size"] // self.procs.world, sampler=self.sampler,
+                                 drop_last=True, num_workers=workers, pin_memory=self.procs.device.type == "cuda",
+                                 persistent_workers=False)
+        if len(self.loader) == 0:
+            raise QvitError(f"batch_size {r['batch_size']} is larger than the {len(self.train_set)} training images: "
+                            "lower batch_size or raise train_limit")
+        self.val_loader = DataLoader(Subset(self.val_set, range(self.procs.rank, len(self.val_set), self.procs.world)),
+                                     batch_size=r["eval_batch_size"], num_workers=workers)
+
+        self.optimizer = make_optimizer(r, self.model)
+        self.schedule = make_schedule(r, self.optimizer, len(self.loader))
+        cuda = self.procs.device.type == "cuda"
+        self.amp_dtype = getattr(torch, r["amp_dtype"]) if cuda and r["amp"] else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
+        self.start_epoch, self.best, self.history, self.step_losses = 0, None, [], []
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.start_epoch, self.best = state["epoch"], state["best"]
+            self.history, self.step_losses = list(state["history"]), list(state["step_losses"])
+        self.net = self.model
+        if self.procs.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.procs.device] if cuda else None)
+
+    def _data(self):
+        return training_data(self.recipe, self.model)
+
+    # -- losses --
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        r = self.recipe
+        qat = self.teacher is not None
+        use_dgd = qat and r["dgd"] and r["dgd_weight"] > 0
+        use_kd = qat and r["distill"] != "none"
+        from .distill import dgd_loss, logit_distillation, tapped
+
+        taps = tapped(self.model, self.teacher) if use_dgd else contextlib.nullcontext((None, None))
+        with taps as (student_tap, teacher_tap):
+            out = self.net(x)
+            if use_kd or use_dgd:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
+            dgd = dgd_loss(student_tap, teacher_tap) if use_dgd else None
+        logits, dist_logits = out if isinstance(out, tuple) else (out, None)
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=r["label_smoothing"])
+        parts = {"ce": ce.detach()}
+        loss = ce
+        if use_kd:
+            kd = logit_distillation(dist_logits if dist_logits is not None else logits, teacher_logits, r["distill"],
+                                    r["distill_tau"])
+            alpha = 0.5 if dist_logits is not None else r["distill_weight"]
+            loss = (1 - alpha) * ce + alpha * kd
+            parts["kd"] = kd.detach()
+        if dgd is not None:
+            loss = loss + r["dgd_weight"] * dgd
+            parts["dgd"] = dgd.detach()
+        return loss, parts
+
+    def _step(self, x, y) -> tuple[float, dict]:
+        device = self.procs.device
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
+            loss, parts = self._loss(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.recipe["clip_grad"]:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe["clip_grad"])
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        return loss.detach(), parts
+
+    # -- the loop --
+    def run(self) -> dict:
+        r, procs = self.recipe, self.procs
+        if procs.main:
+            write_text(self.out / "recipe.yaml", to_yaml(r))
+        for epoch in range(self.start_epoch, r["epochs"]):
+            seed_everything(r["seed"], procs.rank, epoch)
+            self.sampler.set_epoch(epoch)
+            set_epoch(self.train_set, epoch)
+            self.net.train()
+            sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd, dgd, steps
+            start = time.perf_counter()
+            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{r['epochs']}", unit="batch", leave=False,
+                       disable=not (self.progress and procs.main))
+            log_every = max(1, len(self.loader) // 50)
+            for i, (x, y) in enumerate(bar):
+                loss, parts = self._step(x, y)
+                sums += torch.tensor([loss.item(), parts["ce"].item(), float(parts.get("kd", 0.0)),
+                                      float(parts.get("dgd", 0.0)), 1.0], dtype=torch.float64)
+                if i % log_every == 0:
+                    self.step_losses.append([epoch * len(self.loader) + i, loss.item()])
+                bar.set_postfix(loss=f"{sums[0] / sums[4]:.3f}", **({"dgd": f"{sums[3] / sums[4]:.3f}"}
+                                                                   if "dgd" in parts else {}))
+            seconds = time.perf_counter() - start
+            sums = procs.sum(sums)
+            val = metrics_from_sums(procs.sum(evaluation_sums(self.model, self.val_loader, desc="validate",
+                                                              progress=self.progress and procs.main)))
+            steps = sums[4].item()
+            row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+                   "train_loss": sums[0].item() / steps, "train_ce": sums[1].item() / steps,
+                   "train_kd": sums[2].item() / steps, "train_dgd": sums[3].item() / steps,
+                   "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
+                   "images_per_s": len(self.loader) * r["batch_size"] / seconds, "seconds": seconds}
+            self.history.append(row)
+            improved = self.best is None or val["top1"] > self.best["val_top1"]
+            if improved:
+                self.best = dict(row)
+            if procs.main:
+                self._save(epoch + 1, val, improved)
+                print(f"epoch {epoch + 1}/{r['epochs']}: loss {row['train_loss']:.4f}  val top-1 {val['top1']:.2f}%  "
+                      f"top-5 {val['top5']:.2f}%  {row['images_per_s']:.0f} img/s", flush=True)
+            procs.barrier()
+        if procs.main:
+            from .plots import plot_training
+
+            plot_training(self.history, self.step_losses, len(self.loader), self.out / "curves.png", title=r["name"])
+        return {"best": self.best, "history": self.history, "out": str(self.out)}
+
+    def _save(self, epoch: int, val: dict, improved: bool) -> None:
+        r = self.recipe
+        extra = {"recipe": r, "dataset": r["data"], "epoch": epoch}
+        if improved:
+            save_checkpoint(self.out / "best.pt", self.model, metrics=val, extra=extra)
+        state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
+                 "scaler": self.scaler.state_dict(), "best": self.best, "history": self.history,
+                 "step_losses": self.step_losses}
+        save_checkpoint(self.out / "last.pt", self.model, metrics=val, extra=extra | {"train_state": state})
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(self.history)
+        write_text(self.out / "metrics.csv", buffer.getvalue())
+
+
+def train(recipe: dict, out, resume=None, progress: bool = True) -> dict:
+    """Run (or resume) one training run; returns the best epoch's row and the history."""
+    trainer = Trainer(recipe, Path(out), Path(resume) if resume else None, progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.procs.close()

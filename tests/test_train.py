@@ -1,0 +1,177 @@
+"""qvit-train: recipes, QAT on real data, torchrun DDP (gloo) equals one process, exact resume after a kill,
+and bad inputs as one line."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qvit_export import QvitError, read_checkpoint, save_checkpoint
+from qvit_export.recipe import RECIPE_DIRS, load_recipe
+from qvit_export.trainer import Trainer
+
+QVIT_TRAIN = [sys.executable, "-c", "import sys; from qvit_export.cli import qvit_train; sys.argv[0] = 'qvit-train'; "
+              "qvit_train()"]
+# A small QAT job: 8 steps of 32 Fashion-MNIST images per epoch, all three losses on.
+TINY = ["--set", "train_limit=256", "--set", "val_limit=200", "--batch-size", "32", "--set", "calibration_images=64",
+        "--set", "irm_steps=5", "--no-progress"]
+
+
+def stored(path):
+    return read_checkpoint(path)["state_dict"]
+
+
+def max_difference(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if isinstance(a[k], torch.Tensor))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory, fmnist_teacher):
+    return save_checkpoint(tmp_path_factory.mktemp("teacher") / "fp.pt", fmnist_teacher)
+
+
+def test_every_recipe_resolves():
+    names = sorted(p.stem for p in RECIPE_DIRS[1].glob("*.yaml") if not p.stem.startswith("_"))
+    assert {"demo_fp", "demo_w4a4", "deit_small_w4a4", "swin_tiny_w2a2"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe["name"] == name
+    deit = load_recipe("deit_tiny_w3a3")
+    assert (deit["w_bits"], deit["a_bits"], deit["model"], deit["irm"], deit["dgd"]) == (3, 3, "deit_tiny_patch16_224", True, True)
+    over = load_recipe("demo_w4a4", {"w_bits": 2, "augment.hflip": 0.0, "lr": 1e-4})
+    assert (over["w_bits"], over["augment"]["hflip"], over["lr"]) == (2, 0.0, 1e-4)
+
+
+def test_qat_steps_lower_the_loss(teacher_ckpt, tmp_path, figures):
+    recipe = load_recipe("demo_w4a4", {"teacher": str(teacher_ckpt), "train_limit": 640, "val_limit": 500,
+                                       "batch_size": 64, "calibration_images": 256, "irm_steps": 10, "lr": 2e-4})
+    trainer = Trainer(recipe, tmp_path, progress=False)
+    x = torch.stack([trainer.train_set[i][0] for i in range(256)])
+    y = torch.tensor([trainer.train_set[i][1] for i in range(256)])
+
+    def objective():
+        trainer.model.train()
+        with torch.no_grad():
+            loss, parts = trainer._loss(x, y)
+        return loss.item(), parts["dgd"].item()
+
+    before, dgd_before = objective()
+    result = trainer.run()
+    after, dgd_after = objective()
+    figures(f"QAT W4A4 IRM+DGD, 10 steps of 64 images: loss {before:.3f} -> {after:.3f} (DGD {dgd_before:.2f} -> "
+            f"{dgd_after:.2f}), val top-1 {result['best']['val_top1']:.1f}% on 500 images")
+    assert after < before and dgd_after < dgd_before
+    assert {p.name for p in tmp_path.iterdir()} == {"recipe.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_one(teacher_ckpt, tmp_path):
+    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY]
+    one = subprocess.run([*QVIT_TRAIN, *common, "--out", tmp_path / "one"], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    script = [a for a in QVIT_TRAIN[1:]]  # torchrun runs "python -c ..." through its own launcher as --no-python
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                          str(free_port()), "--no-python", sys.executable, *script, *common, "--out", tmp_path / "two"],
+                         capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = stored(tmp_path / "one" / "last.pt"), stored(tmp_path / "two" / "last.pt")
+    assert a.keys() == b.keys()
+    assert max_difference(a, b) < 1e-4
+    metrics_one = read_checkpoint(tmp_path / "one" / "last.pt")["metrics"]
+    metrics_two = read_checkpoint(tmp_path / "two" / "last.pt")["metrics"]
+    assert metrics_one["images"] == metrics_two["images"] == 200
+    assert abs(metrics_one["top1"] - metrics_two["top1"]) <= 0.5  # 1 image of 200: a near tie may flip
+
+
+def test_killed_run_resumes_to_the_same_result(teacher_ckpt, tmp_path):
+    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY, "--set", "train_limit=512", "--epochs", "3"]
+    whole = subprocess.run([*QVIT_TRAIN, *common, "--out", tmp_path / "whole"], capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([*QVIT_TRAIN, *common, "--out", run_dir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # epoch 1 is saved; epoch 2 has just begun
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    assert read_checkpoint(run_dir / "last.pt")["extra"]["epoch"] == 1
+    resumed = subprocess.run([*QVIT_TRAIN, "--resume", run_dir / "last.pt", "--no-progress"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert max_difference(stored(tmp_path / "whole" / "last.pt"), stored(run_dir / "last.pt")) < 1e-6
+    assert (tmp_path / "whole" / "metrics.csv").read_text().count("\n") == 4
+    whole_rows = [ln.split(",")[:9] for ln in (tmp_path / "whole" / "metrics.csv").read_text().splitlines()]
+    resumed_rows = [ln.split(",")[:9] for ln in (run_dir / "metrics.csv").read_text().splitlines()]
+    assert whole_rows == resumed_rows  # loss terms and validation metrics per epoch; timings differ
+
+
+def one_error_line(result) -> str:
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr[-2000:]
+    return errors[0]
+
+
+def test_bad_inputs_give_one_line(teacher_ckpt, tmp_path, capsys, monkeypatch):
+    from qvit_export.cli import _run, train_main
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # --no-progress sets it; keep it from leaking into other tests
+
+    def train(*args) -> str:
+        capsys.readouterr()
+        if "--out" not in args and "--resume" not in args:
+            args = (*args, "--out", tmp_path / "run")
+        code = _run(train_main, [*map(str, args), "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+        return err
+
+    assert "unknown recipe key 'bogus'" in train("--recipe", "demo_fp", "--set", "bogus=1")
+    assert "recipe 'nope' not found" in train("--recipe", "nope")
+    assert "data folder not found" in train("--recipe", "demo_fp", "--data", tmp_path / "missing")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    assert "no images in" in train("--recipe", "demo_fp", "--set", "model_kwargs={}", "--data", tmp_path / "empty",
+                                   "--out", tmp_path / "e")
+    monkeypatch.setenv("QVIT_FASHION_MNIST", str(tmp_path))
+    line = train("--recipe", "demo_fp", "--out", tmp_path / "f")
+    assert "Fashion-MNIST not found" in line and "apt-get install dataset-fashion-mnist" in line
+    monkeypatch.delenv("QVIT_FASHION_MNIST")
+    assert "teacher not found" in train("--recipe", "demo_w4a4", "--teacher", tmp_path / "none.pt")
+    assert "already holds a run" in train("--recipe", "demo_w4a4", "--out", _a_run(tmp_path))
+    assert "holds no training state" in train("--resume", teacher_ckpt)
+    assert not any(p.name in ("e", "f", "run") for p in tmp_path.iterdir())  # nothing written by failed runs
+    # The installed command as a user runs it: non-zero exit, the one line last.
+    garbage = tmp_path / "teacher.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    result = subprocess.run([*QVIT_TRAIN, "--recipe", "demo_w4a4", "--teacher", garbage, "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert "truncated or not a PyTorch file" in one_error_line(result)
+
+
+def _a_run(tmp_path: Path) -> Path:
+    run = tmp_path / "previous"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")
+    return run
+
+
+def test_recipe_errors_are_clear():
+    with pytest.raises(QvitError, match="w_bits=5 is not supported"):
+        load_recipe("demo_w4a4", {"w_bits": 5})
+    with pytest.raises(QvitError, match="needs a teacher"):
+        load_recipe("demo_w4a4", {"teacher": None})
+    with pytest.raises(QvitError, match="unknown augment key 'blur'"):
+        load_recipe("demo_fp", {"augment.blur": 1})
