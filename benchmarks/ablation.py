@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--train-limit", type=int, default=12000, help="training images per epoch (CPU budget)")
+    p.add_argument("--train-limit", type=int, default=10000, help="training images per epoch (CPU budget)")
     p.add_argument("--irm-steps", type=int, default=100)
     p.add_argument("--dgd-weight", type=float, default=1.0)
     p.add_argument("--workdir", default="runs/ablation")

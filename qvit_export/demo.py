@@ -1,12 +1,12 @@
-"""The embedded default: a small ViT on Fashion-MNIST, trained in float, quantized by PTQ, and deployed.
+"""The embedded default: a small ViT on Fashion-MNIST, from an FP teacher to a W4A4 Q-ViT deployed as a plan.
 
-    python -m qvit_export.demo [--workdir runs/demo] [--epochs 2]
+    python -m qvit_export.demo [--workdir runs/demo]
 
-Trains (or reuses) the FP teacher, converts it to W8A8 and W4A4 (with and without IRM), calibrates each on
-1,024 training images, and reports top-1 on the 10,000 test images. The best W4A4 model is then exported as
-QDQ ONNX (INT4 weights), checked against PyTorch through ONNX Runtime on all test images, evaluated there,
-and built into a TensorRT-RTX plan for SM89 when the trt-rtx extra is installed. Everything lands in the
-work directory.
+1. FP teacher (recipe models/demo_fp.yaml, qvit-train's engine), 2. PTQ baselines (W8A8, W4A4) calibrated on
+1,024 training images, 3. the W4A4 Q-ViT student (recipe models/demo_w4a4.yaml: calibrate, then QAT with IRM +
+DGD + logit distillation), 4. qvit-export's steps on the student: INT4 QDQ ONNX, parity against PyTorch on all
+10,000 test images through ONNX Runtime, accuracy there, and a TensorRT-RTX plan for SM89. Finished runs are
+reused, so a second run only re-measures.
 """
 from __future__ import annotations
 
@@ -24,36 +24,42 @@ from .config import QuantConfig
 from .data import fashion_mnist
 from .errors import QvitError
 from .quantize import quantize
-from .timm_models import create_model
-from .train import evaluate, train_classifier
+from .recipe import load_recipe
+from .train import evaluate
 
-# 4x4 patches of a 28x28 image: 49 tokens + CLS; head_dim 32 suits TensorRT's INT8 fused attention.
-DEMO_MODEL = "vit_tiny_patch16_224"
-DEMO_KWARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10,
-               "embed_dim": 96, "depth": 4, "num_heads": 3}
-DEMO_TRAINING = {"epochs": 2, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.05, "seed": 0}
+DEMO_RECIPES = ("demo_fp", "demo_w4a4")
+_FP = load_recipe("demo_fp")
+DEMO_MODEL, DEMO_KWARGS = _FP["model"], dict(_FP["model_kwargs"])
 CALIBRATION_IMAGES = 1024
 
 
-def fashion_teacher(workdir, epochs: int = DEMO_TRAINING["epochs"]) -> torch.nn.Module:
-    """The FP demo ViT trained on Fashion-MNIST, reused from ``workdir`` when the same recipe made it."""
-    path = Path(workdir) / "fp_teacher.pt"
-    recipe = {"model": DEMO_MODEL, "kwargs": DEMO_KWARGS, **DEMO_TRAINING, "epochs": epochs}
-    if path.is_file():
-        try:
-            if read_checkpoint(path)["extra"].get("recipe") == recipe:
-                return load_checkpoint(path)
-        except QvitError:
-            pass  # unreadable cache: train again and overwrite it
-    torch.manual_seed(recipe["seed"])
-    model = create_model(DEMO_MODEL, **DEMO_KWARGS)
-    train_set = fashion_mnist("train")
-    losses = train_classifier(model, train_set, epochs=epochs, batch_size=recipe["batch_size"], lr=recipe["lr"],
-                              weight_decay=recipe["weight_decay"], seed=recipe["seed"], desc="FP teacher")
-    metrics = evaluate(model, fashion_mnist("test"), desc="FP test")
-    save_checkpoint(path, model, metrics=metrics | {"train_loss": losses},
-                    extra={"recipe": recipe, "dataset": "fashion-mnist"})
-    return model.eval()
+def finished_run(out: Path, recipe: dict) -> Path | None:
+    """best.pt of a run in ``out`` that finished this very recipe, else None."""
+    try:
+        saved = read_checkpoint(out / "last.pt")["extra"]
+    except QvitError:
+        return None
+    done = saved.get("recipe") == recipe and saved.get("epoch") == recipe["epochs"]
+    return out / "best.pt" if done and (out / "best.pt").is_file() else None
+
+
+def train_or_reuse(recipe: dict, out: Path) -> Path:
+    """Train ``recipe`` into ``out`` unless a finished run of it is there; a stale run is replaced."""
+    from .trainer import train
+
+    best = finished_run(out, recipe)
+    if best is not None:
+        print(f"reusing {best} ({recipe['name']})")
+        return best
+    for stale in ("last.pt", "best.pt", "metrics.csv"):
+        (out / stale).unlink(missing_ok=True)
+    train(recipe, out)
+    return out / "best.pt"
+
+
+def fashion_teacher(workdir) -> torch.nn.Module:
+    """The FP demo ViT trained on Fashion-MNIST with recipe demo_fp, reused from ``workdir``/fp when finished."""
+    return load_checkpoint(train_or_reuse(load_recipe("demo_fp"), Path(workdir) / "fp"))
 
 
 def calibration_batches(n: int = CALIBRATION_IMAGES, batch_size: int = 256, seed: int = 0) -> list[torch.Tensor]:
@@ -68,44 +74,6 @@ def ptq(teacher: torch.nn.Module, cfg: QuantConfig, batches) -> torch.nn.Module:
     return calibrate(quantize(teacher, cfg), batches)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qvit_export.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="runs/demo", help="where checkpoints go (default: runs/demo)")
-    parser.add_argument("--epochs", type=int, default=DEMO_TRAINING["epochs"], help="FP teacher epochs")
-    args = parser.parse_args(argv)
-    try:
-        workdir = Path(args.workdir)
-        teacher = fashion_teacher(workdir, args.epochs)
-        test_set, batches = fashion_mnist("test"), calibration_batches()
-        rows = [("FP32 teacher", evaluate(teacher, test_set, desc="FP"), 0.0, workdir / "fp_teacher.pt")]
-        for bits in (8, 4):
-            for irm in (False, True):
-                cfg = QuantConfig(w_bits=bits, a_bits=bits, irm=irm)
-                start = time.perf_counter()
-                student = ptq(teacher, cfg, batches)
-                seconds = time.perf_counter() - start
-                label = f"W{bits}A{bits} PTQ" + (" + IRM" if irm else "")
-                metrics = evaluate(student, test_set, desc=label)
-                path = save_checkpoint(workdir / f"w{bits}a{bits}_ptq{'_irm' if irm else ''}.pt", student,
-                                       metrics=metrics, extra={"calibration_images": CALIBRATION_IMAGES, "dataset": "fashion-mnist"})
-                rows.append((label, metrics, seconds, path))
-        best = max((r for r in rows if r[0].startswith("W4A4")), key=lambda r: r[1]["top1"])
-        deployed = deploy(best[3], workdir, test_set)
-    except QvitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    fp = rows[0][1]["top1"]
-    print(f"\nFashion-MNIST test set ({rows[0][1]['images']} images), demo ViT {DEMO_KWARGS}")
-    print(f"{'model':<18} {'top-1 %':>8} {'vs FP':>7} {'calib s':>8}  file")
-    for label, m, seconds, path in rows:
-        print(f"{label:<18} {m['top1']:>8.2f} {m['top1'] - fp:>+7.2f} {seconds:>8.1f}  {path}")
-    onnx_top1 = deployed["onnx_metrics"]["top1"]
-    print(f"{best[0] + ' ONNX':<18} {onnx_top1:>8.2f} {onnx_top1 - fp:>+7.2f} {'':>8}  {deployed['onnx']}")
-    print(f"\nparity ONNX Runtime vs PyTorch: {deployed['parity']}")
-    print(f"engine: {deployed['engine']}")
-    return 0
-
-
 def deploy(ckpt: Path, workdir: Path, test_set) -> dict:
     """qvit-export's steps for one checkpoint: INT4 ONNX, parity on the test set, ORT accuracy, TensorRT-RTX plan."""
     from .onnx_export import ExportOptions, file_sha256
@@ -118,17 +86,61 @@ def deploy(ckpt: Path, workdir: Path, test_set) -> dict:
     out = {"onnx": onnx_path, "onnx_metrics": evaluate(OnnxModule(onnx_path), test_set, desc="ONNX Runtime"),
            "parity": f"top-1 agreement {report.top1_agreement:.2f}% on {report.images} images, codes equal >= "
                      f"{min(q.match_percent for q in report.quantizers.values()):.3f}%, max "
-                     f"{max(q.max_lsb for q in report.quantizers.values())} LSB, weights identical: {report.weights_identical}"}
+                     f"{max(q.max_lsb for q in report.quantizers.values())} LSB, weights identical: {report.weights_identical}",
+           "plan": None}
     try:
         from .engine import build_engine
 
         built = build_engine(onnx_path, workdir / "deploy" / "w4a4_int4.plan", target="tensorrt-rtx",
                              compute_capability="sm89")
-        out["engine"] = (f"{built['plan']} ({built['plan_bytes'] / 1e6:.1f} MB, {len(built['qdq_layers'])} Q/DQ layers, "
-                         f"TensorRT-RTX {built['version']}, SM89, {built['build_seconds']:.1f} s)")
+        out["plan"] = Path(built["plan"])
+        out["engine"] = (f"{len(built['qdq_layers'])} Q/DQ layers, TensorRT-RTX {built['version']}, SM89, "
+                         f"built in {built['build_seconds']:.1f} s")
     except QvitError as e:
         out["engine"] = f"not built: {e}"
     return out
+
+
+def _size(path) -> str:
+    return f"{Path(path).stat().st_size / 1e6:.2f} MB" if path and Path(path).is_file() else "-"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qvit_export.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="runs/demo", help="where runs and artifacts go (default: runs/demo)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        workdir = Path(args.workdir)
+        teacher_ckpt = train_or_reuse(load_recipe("demo_fp"), workdir / "fp")
+        student_ckpt = train_or_reuse(load_recipe("demo_w4a4", {"teacher": str(teacher_ckpt)}), workdir / "w4a4")
+        test_set, teacher = fashion_mnist("test"), load_checkpoint(teacher_ckpt)
+        rows = [("FP32 teacher", "PyTorch", evaluate(teacher, test_set, desc="FP"), teacher_ckpt)]
+        batches = calibration_batches()
+        for bits in (8, 4):
+            label = f"W{bits}A{bits} PTQ"
+            student = ptq(teacher, QuantConfig(w_bits=bits, a_bits=bits, irm=False), batches)
+            path = save_checkpoint(workdir / f"w{bits}a{bits}_ptq.pt", student, extra={"dataset": "fashion-mnist"})
+            rows.append((label, "PyTorch", evaluate(student, test_set, desc=label), path))
+        rows.append(("W4A4 Q-ViT (QAT)", "PyTorch", evaluate(load_checkpoint(student_ckpt), test_set, desc="Q-ViT"),
+                     student_ckpt))
+        deployed = deploy(student_ckpt, workdir, test_set)
+        rows.append(("W4A4 Q-ViT, INT4", "ONNX Runtime", deployed["onnx_metrics"], deployed["onnx"]))
+    except QvitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    fp = rows[0][2]["top1"]
+    print(f"\nFashion-MNIST test set ({rows[0][2]['images']} images), demo ViT {DEMO_KWARGS}")
+    print(f"{'model':<18} {'runtime':<13} {'top-1 %':>8} {'vs FP':>7} {'size':>9}  file")
+    for label, runtime, m, path in rows:
+        print(f"{label:<18} {runtime:<13} {m['top1']:>8.2f} {m['top1'] - fp:>+7.2f} {_size(path):>9}  {path}")
+    plan = deployed["plan"]
+    print(f"{'W4A4 Q-ViT plan':<18} {'TensorRT-RTX':<13} {'':>8} {'':>7} {_size(plan):>9}  {plan or deployed['engine']}")
+    print(f"\nparity ONNX Runtime vs PyTorch: {deployed['parity']}")
+    print(f"engine: {deployed['engine']}")
+    print(f"training curves: {workdir / 'fp' / 'curves.png'}, {workdir / 'w4a4' / 'curves.png'}; "
+          f"total {time.perf_counter() - start:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":

@@ -37,11 +37,15 @@ def irm_bypassed(model: nn.Module):
 def fit_irm(model: nn.Module, batches: list[torch.Tensor], steps: int = IRM_STEPS, lr: float = IRM_LR,
             seed: int = 0) -> None:
     """Fit the unfitted IRM norms of ``model`` by distilling its own FP output (see the module docstring)."""
-    norms = [norm for _, norm in irm_norms(model) if not norm.fitted]
-    if not norms:
+    named = [(name, norm) for name, norm in irm_norms(model) if not norm.fitted]
+    if not named:
         return
+    norms = [norm for _, norm in named]
     device = next(model.parameters()).device
-    params = [p for norm in norms for p in norm.parameters()]
+    # A bias on every key adds q·b to all scores of a query, which softmax ignores: in float it has no gradient
+    # but rounding noise, which Adam would blow up to full-size steps. It stays 0 until QAT gives it a reason.
+    params = [p for name, norm in named for pname, p in norm.named_parameters()
+              if not (name.endswith("k_norm") and pname == "bias")]
     if steps > 0:
         with torch.no_grad(), quantizers_disabled(model), irm_bypassed(model):
             targets = [model(x.to(device)).log_softmax(-1) for x in batches]

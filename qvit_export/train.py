@@ -1,7 +1,6 @@
-"""Training and evaluation loops (single process). The QAT recipe machinery builds on these."""
+"""Evaluation: top-1/top-5 and loss, as sums that add up across processes (the trainer) or as metrics."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -37,37 +36,3 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 500
     """top-1 and top-5 accuracy (percent) and mean cross-entropy of ``model`` on labelled data."""
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
     return metrics_from_sums(evaluation_sums(model, loader, desc, progress))
-
-
-def train_classifier(model: nn.Module, data: Dataset, epochs: int, batch_size: int = 128, lr: float = 1e-3,
-                     weight_decay: float = 0.05, seed: int = 0, desc: str = "train") -> list[float]:
-    """Plain supervised training (AdamW, cosine schedule with one warm-up epoch, cross-entropy).
-
-    Returns the mean loss of each epoch. Deterministic for a given seed on the CPU.
-    """
-    torch.manual_seed(seed)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(seed))
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    steps, warmup = epochs * len(loader), len(loader)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup))))
-    model.train()
-    epoch_losses = []
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{epochs}", unit="batch")
-        for x, y in bar:
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total, count = total + loss.item(), count + 1
-            bar.set_postfix(loss=f"{total / count:.3f}")
-        epoch_losses.append(total / count)
-    model.eval()
-    return epoch_losses

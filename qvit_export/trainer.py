@@ -173,7 +173,7 @@ def make_optimizer(recipe: dict, model: nn.Module) -> torch.optim.Optimizer:
 def make_schedule(recipe: dict, optimizer, steps_per_epoch: int):
     """Per-step linear warm-up, then cosine from lr down to min_lr."""
     total = recipe["epochs"] * steps_per_epoch
-    warmup = int(round(recipe["warmup_epochs"] * steps_per_epoch))
+    warmup = round(recipe["warmup_epochs"] * steps_per_epoch)
     floor = recipe["min_lr"] / recipe["lr"] if recipe["lr"] else 0.0
 
     def factor(step: int) -> float:

@@ -15,8 +15,8 @@ from qvit_export import QvitError, read_checkpoint, save_checkpoint
 from qvit_export.recipe import RECIPE_DIRS, load_recipe
 from qvit_export.trainer import Trainer
 
-QVIT_TRAIN = [sys.executable, "-c", "import sys; from qvit_export.cli import qvit_train; sys.argv[0] = 'qvit-train'; "
-              "qvit_train()"]
+QVIT_TRAIN = [sys.executable, "-c",
+              "import sys; from qvit_export.cli import qvit_train; sys.argv[0] = 'qvit-train'; qvit_train()"]
 # A small QAT job: 8 steps of 32 Fashion-MNIST images per epoch, all three losses on.
 TINY = ["--set", "train_limit=256", "--set", "val_limit=200", "--batch-size", "32", "--set", "calibration_images=64",
         "--set", "irm_steps=5", "--no-progress"]
@@ -76,17 +76,19 @@ def free_port() -> int:
 
 
 def test_torchrun_two_processes_equal_one(teacher_ckpt, tmp_path):
-    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY]
-    one = subprocess.run([*QVIT_TRAIN, *common, "--out", tmp_path / "one"], capture_output=True, text=True, timeout=300)
+    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY, "--set", "train_limit=64"]
+    one_thread = os.environ | {"OMP_NUM_THREADS": "1"}  # torchrun's default per process; calibration then agrees
+    one = subprocess.run([*QVIT_TRAIN, *common, "--out", tmp_path / "one"], capture_output=True, text=True, timeout=300,
+                         env=one_thread)
     assert one.returncode == 0, one.stderr[-2000:]
-    script = [a for a in QVIT_TRAIN[1:]]  # torchrun runs "python -c ..." through its own launcher as --no-python
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                          str(free_port()), "--no-python", sys.executable, *script, *common, "--out", tmp_path / "two"],
-                         capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                          str(free_port()), "--no-python", *QVIT_TRAIN, *common, "--out", tmp_path / "two"],
+                         capture_output=True, text=True, timeout=300, env=one_thread)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = stored(tmp_path / "one" / "last.pt"), stored(tmp_path / "two" / "last.pt")
     assert a.keys() == b.keys()
-    assert max_difference(a, b) < 1e-4
+    # Two steps: after more, LSQ code flips and Adam's sign-like first updates amplify float noise (8 steps: 6e-4).
+    assert max_difference(a, b) < 1e-5
     metrics_one = read_checkpoint(tmp_path / "one" / "last.pt")["metrics"]
     metrics_two = read_checkpoint(tmp_path / "two" / "last.pt")["metrics"]
     assert metrics_one["images"] == metrics_two["images"] == 200
@@ -94,7 +96,7 @@ def test_torchrun_two_processes_equal_one(teacher_ckpt, tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_result(teacher_ckpt, tmp_path):
-    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY, "--set", "train_limit=512", "--epochs", "3"]
+    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY, "--epochs", "3"]
     whole = subprocess.run([*QVIT_TRAIN, *common, "--out", tmp_path / "whole"], capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
