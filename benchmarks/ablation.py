@@ -46,8 +46,9 @@ def run_variant(args, teacher: Path, variant: str, bits: int, seed: int) -> dict
     irm, dgd = VARIANTS[variant]
     name = f"{variant.strip('+').replace('+', '_').lower()}_w{bits}a{bits}_s{seed}"
     overrides = {"name": name, "teacher": str(teacher), "w_bits": bits, "a_bits": bits, "irm": irm, "dgd": dgd,
-                 "seed": seed, "epochs": args.epochs, "train_limit": args.train_limit, "irm_steps": args.irm_steps,
-                 "dgd_weight": args.dgd_weight}
+                 "seed": seed, "epochs": args.epochs, "train_limit": args.train_limit, "irm_steps": args.irm_steps}
+    if args.dgd_weight is not None:
+        overrides["dgd_weight"] = args.dgd_weight
     recipe = load_recipe("demo_w4a4", overrides)
     out = Path(args.workdir) / name
     if (out / "best.pt").is_file() and (out / "last.pt").is_file():
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--train-limit", type=int, default=10000, help="training images per epoch (CPU budget)")
     p.add_argument("--irm-steps", type=int, default=100)
-    p.add_argument("--dgd-weight", type=float, default=1.0)
+    p.add_argument("--dgd-weight", type=float, help="default: the demo_w4a4 recipe's")
     p.add_argument("--workdir", default="runs/ablation")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ablation"))
     args = p.parse_args(argv)
@@ -135,10 +136,11 @@ def main(argv=None) -> int:
 
     markdown, table = summarise(fp, rows, args.bits, args.seeds)
     when = datetime.date.today().isoformat()
+    dgd_weight = args.dgd_weight if args.dgd_weight is not None else load_recipe("demo_w4a4")["dgd_weight"]
     header = (f"Q-ViT ablation on Fashion-MNIST ({when}, {platform.machine()}, {torch.get_num_threads()} threads, "
               f"torch {torch.__version__}): demo ViT, teacher {teacher}; each student: recipe demo_w4a4, "
               f"{args.epochs} epoch(s) of QAT on {args.train_limit} training images, soft logit distillation, "
-              f"DGD weight {args.dgd_weight}, IRM fitted with {args.irm_steps} steps; top-1 on the 10,000 test images.\n\n"
+              f"DGD weight {dgd_weight}, IRM fitted with {args.irm_steps} steps; top-1 on the 10,000 test images.\n\n"
               f"Command: `.venv/bin/python benchmarks/ablation.py {' '.join(argv or sys.argv[1:])}`\n\n")
     out = Path(args.out)
     write_text(out.with_suffix(".md"), header + markdown + "\n")

@@ -50,8 +50,14 @@ class QKTap:
 
 
 def similarity(x: torch.Tensor) -> torch.Tensor:
-    """Token-by-token cosine similarity per head: [B, H, N, D] → [B, H, N, N]."""
-    x = F.normalize(x.float(), dim=-1)
+    """Token-by-token cosine similarity per head: [B, H, N, D] → [B, H, N, N].
+
+    A row quantized to all zeros (common at 2 bits) has no direction: its similarities are 0 and it passes no
+    gradient. (F.normalize would divide by its eps there and send 1e12-sized gradients into the model.)
+    """
+    x = x.float()
+    norm = x.norm(dim=-1, keepdim=True)
+    x = torch.where(norm > 0, x / norm.clamp_min(1e-12), torch.zeros_like(x))
     return x @ x.transpose(-2, -1)
 
 

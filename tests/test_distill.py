@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qvit_export import QuantConfig, calibrate, quantize, quantizers_disabled
-from qvit_export.distill import QKTap, dgd_loss, tapped
+from qvit_export.distill import QKTap, dgd_loss, similarity, tapped
 
 
 @pytest.fixture
@@ -53,3 +53,15 @@ def test_tap_restores_the_fast_path(teacher_and_student):
     with QKTap(teacher) as tap:
         assert all(a.force_explicit for a in tap.attentions)
     assert not any(a.force_explicit for a in tap.attentions)
+
+
+def test_a_row_quantized_to_zero_passes_no_gradient():
+    """At 2 bits whole q rows round to 0; F.normalize's eps would turn them into 1e12-sized gradients."""
+    x = torch.randn(2, 3, 5, 8)
+    x[0, 1, 2] = 0.0
+    x.requires_grad_(True)
+    g = similarity(x)
+    assert torch.all(g[0, 1, 2] == 0) and torch.all(g[0, 1, :, 2] == 0)
+    assert torch.allclose(g[1, 0].diagonal(), torch.ones(5))
+    g.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() < 100 and torch.all(x.grad[0, 1, 2] == 0)

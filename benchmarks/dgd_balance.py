@@ -1,0 +1,71 @@
+"""Why DGD needs a weight: at the start of QAT, how large is its gradient next to the task loss's?
+
+    .venv/bin/python benchmarks/dgd_balance.py        # -> benchmarks/results/dgd_balance.{md,json}
+
+For the demo teacher's W4A4 and W2A2 students (with and without IRM), calibrated as qvit-train does, one batch of
+256 training images: the task loss (the demo recipe's 0.5 CE + 0.5 soft distillation), DGD as the paper defines
+it (weight 1), the gradient norms of both on the transformer blocks' weight matrices, and their cosine.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qvit_export.atomic import write_text  # noqa: E402
+from qvit_export.distill import dgd_loss, logit_distillation, tapped  # noqa: E402
+from qvit_export.recipe import load_recipe  # noqa: E402
+from qvit_export.trainer import Trainer  # noqa: E402
+
+
+def measure(teacher: str, bits: int, irm: bool, images: int = 256) -> dict:
+    recipe = load_recipe("demo_w4a4", {"teacher": teacher, "w_bits": bits, "a_bits": bits, "irm": irm,
+                                       "val_limit": 100})
+    trainer = Trainer(recipe, Path("runs/dgd_balance"), progress=False)
+    x = torch.stack([trainer.train_set[i][0] for i in range(images)])
+    y = torch.tensor([trainer.train_set[i][1] for i in range(images)])
+    model = trainer.model.train()
+    weights = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim > 1 and "quantizer" not in n]
+    with tapped(model, trainer.teacher) as (student_tap, teacher_tap):
+        logits = model(x)
+        with torch.no_grad():
+            teacher_logits = trainer.teacher(x)
+        dgd = dgd_loss(student_tap, teacher_tap)
+    task = 0.5 * F.cross_entropy(logits, y) + 0.5 * logit_distillation(logits, teacher_logits, "soft")
+    g_task = torch.autograd.grad(task, weights, retain_graph=True)
+    g_dgd = torch.autograd.grad(dgd, weights, allow_unused=True)
+    g_dgd = [torch.zeros_like(w) if g is None else g for g, w in zip(g_dgd, weights, strict=True)]
+    n_task = torch.sqrt(sum((g ** 2).sum() for g in g_task)).item()
+    n_dgd = torch.sqrt(sum((g ** 2).sum() for g in g_dgd)).item()
+    cos = (sum((a * b).sum() for a, b in zip(g_task, g_dgd, strict=True)) / (n_task * n_dgd)).item()
+    return {"bits": bits, "irm": irm, "task_loss": task.item(), "dgd": dgd.item(), "grad_task": n_task,
+            "grad_dgd": n_dgd, "ratio": n_dgd / n_task, "cosine": cos}
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    teacher = sys.argv[1] if len(sys.argv) > 1 else "runs/demo_fp/best.pt"
+    rows = [measure(teacher, bits, irm) for irm in (False, True) for bits in (4, 2)]
+    lines = ["| student | task loss | DGD (weight 1) | ‖∇ task‖ | ‖∇ DGD‖ | ratio | cosine |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| W{r['bits']}A{r['bits']}{' + IRM' if r['irm'] else ''} | {r['task_loss']:.3f} | {r['dgd']:.1f} | "
+                     f"{r['grad_task']:.2f} | {r['grad_dgd']:.1f} | {r['ratio']:.0f}× | {r['cosine']:+.3f} |")
+    when = datetime.date.today().isoformat()
+    text = (f"DGD against the task loss at the start of QAT ({when}; demo teacher {teacher}; one batch of 256 "
+            "Fashion-MNIST training images; gradients on the blocks' weight matrices):\n\n" + "\n".join(lines) + "\n")
+    out = ROOT / "benchmarks" / "results" / "dgd_balance"
+    write_text(out.with_suffix(".md"), text)
+    write_text(out.with_suffix(".json"), json.dumps({"date": when, "teacher": teacher, "rows": rows}, indent=2))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
