@@ -1,4 +1,4 @@
-"""Command-line entry points: qvit-train, qvit-export and qvit-eval (thin: parse, call the library, report)."""
+"""Command-line entry points: qvit-train, qvit-export, qvit-eval and qvit-report (thin: parse, call the library, report)."""
 from __future__ import annotations
 
 import argparse
@@ -194,6 +194,57 @@ def train_main(argv=None) -> int:
     return 0
 
 
+# ---- qvit-report ------------------------------------------------------------------------------------
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qvit-report", description="OPs (Bi-Real/Q-DETR and BOPs/64 conventions) and "
+                                "model size, per layer and in total, of a checkpoint or a timm model at given bits.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="a qvit-export checkpoint (its own bits)")
+    src.add_argument("--model", help="a timm model name (DeiT/ViT or Swin)")
+    p.add_argument("--bits", type=int, help="weight and activation bits for --model (2, 3, 4 or 8)")
+    p.add_argument("--w-bits", type=int, help="weight bits (default: --bits)")
+    p.add_argument("--a-bits", type=int, help="activation bits (default: --bits)")
+    p.add_argument("--layers", action="store_true", help="print every layer")
+    p.add_argument("--json", help="also write the report (with every layer) here")
+    return p
+
+
+def report_main(argv=None) -> int:
+    args = report_parser().parse_args(argv)
+    from .config import QuantConfig
+    from .report import report
+
+    if args.ckpt:
+        from .checkpoint import load_checkpoint
+
+        if args.bits or args.w_bits or args.a_bits:
+            raise QvitError("--ckpt carries its own bit widths: drop --bits/--w-bits/--a-bits")
+        model = load_checkpoint(args.ckpt)
+        name, cfg = model.qvit_source["name"], getattr(model, "qvit_config", None)
+    else:
+        from .timm_models import create_model
+
+        w_bits, a_bits = args.w_bits or args.bits, args.a_bits or args.bits
+        if (w_bits is None) != (a_bits is None):
+            raise QvitError("give both weight and activation bits (--bits, or --w-bits and --a-bits)")
+        model, name = create_model(args.model), args.model
+        cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits) if w_bits else None
+    result = report(model, cfg, name)
+    if args.layers:
+        print(result.layer_table())
+    s = result.summary()
+    bits = f"W{s['w_bits']}A{s['a_bits']}" if s["w_bits"] else "FP32"
+    print(f"{name} {bits}: FP {s['fp_gflops']:.3f} GFLOPs -> OPs {s['ops_g']:.3f} G ({s['ops_reduction']:.2f}x fewer), "
+          f"BOPs/64 {s['bops64_g']:.3f} G ({s['bops_reduction']:.2f}x); size {s['fp_mb']:.2f} MB -> {s['q_mb']:.2f} MB "
+          f"({s['size_reduction']:.2f}x)")
+    if args.json:
+        from .atomic import write_text
+
+        write_text(args.json, json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
 # ---- qvit-eval --------------------------------------------------------------------------------------
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -256,6 +307,10 @@ def qvit_export() -> None:
 
 def qvit_train() -> None:
     sys.exit(_run(train_main, None))
+
+
+def qvit_report() -> None:
+    sys.exit(_run(report_main, None))
 
 
 def qvit_eval() -> None:
