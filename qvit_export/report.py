@@ -81,7 +81,7 @@ def count_layers(model: nn.Module, cfg: QuantConfig | None) -> list[LayerCount]:
             def attention(m, inp, out, name=name):
                 _, a = bits(name)
                 x = inp[0]
-                windows_or_batch, tokens, channels = x.shape
+                windows_or_batch, tokens, _ = x.shape
                 heads = m.num_heads
                 head_dim = m.qkv.out_features // 3 // heads
                 macs = windows_or_batch * heads * tokens * tokens * head_dim
