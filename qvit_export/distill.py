@@ -55,10 +55,11 @@ def similarity(x: torch.Tensor) -> torch.Tensor:
     A row quantized to all zeros (common at 2 bits) has no direction: its similarities are 0 and it passes no
     gradient. (F.normalize would divide by its eps there and send 1e12-sized gradients into the model.)
     """
-    x = x.float()
-    norm = x.norm(dim=-1, keepdim=True)
-    x = torch.where(norm > 0, x / norm.clamp_min(1e-12), torch.zeros_like(x))
-    return x @ x.transpose(-2, -1)
+    with torch.autocast(x.device.type, enabled=False):  # cosines in float32 under AMP too
+        x = x.float()
+        norm = x.norm(dim=-1, keepdim=True)
+        x = torch.where(norm > 0, x / norm.clamp_min(1e-12), torch.zeros_like(x))
+        return x @ x.transpose(-2, -1)
 
 
 def dgd_loss(student: QKTap, teacher: QKTap) -> torch.Tensor:

@@ -69,6 +69,18 @@ def test_qat_steps_lower_the_loss(teacher_ckpt, tmp_path, figures):
     assert {p.name for p in tmp_path.iterdir()} == {"recipe.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png"}
 
 
+def test_autocast_path(teacher_ckpt, tmp_path):
+    """The AMP path qvit-train takes on CUDA, run under CPU autocast: codes in float32, finite, loss falls."""
+    recipe = load_recipe("demo_w4a4", {"teacher": str(teacher_ckpt), "train_limit": 64, "val_limit": 100,
+                                       "batch_size": 32, "calibration_images": 64, "irm_steps": 2})
+    trainer = Trainer(recipe, tmp_path, progress=False)
+    trainer.amp_dtype = torch.bfloat16  # what recipe amp=true selects on a GPU
+    x = torch.stack([trainer.train_set[i][0] for i in range(32)])
+    y = torch.tensor([trainer.train_set[i][1] for i in range(32)])
+    losses = [trainer._step(x, y)[0].item() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[2] < losses[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
