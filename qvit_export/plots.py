@@ -21,11 +21,14 @@ def plot_training(history: list[dict], step_losses: list, steps_per_epoch: int, 
     epochs = [row["epoch"] for row in history]
     ax_loss.plot(epochs, [row["train_loss"] for row in history], "o-", label="train loss (epoch mean)")
     ax_loss.plot(epochs, [row["val_loss"] for row in history], "s-", label="val cross-entropy")
-    if any(row["train_dgd"] for row in history):
-        ax_loss.plot(epochs, [row["train_dgd"] for row in history], "^-", label="DGD term")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
-    ax_loss.legend(fontsize=8)
+    ax_loss.legend(fontsize=8, loc="upper left")
+    if any(row["train_dgd"] for row in history):  # unweighted DGD is two orders larger: its own axis
+        ax_dgd = ax_loss.twinx()
+        ax_dgd.plot(epochs, [row["train_dgd"] for row in history], "^--", color="tab:red", label="DGD (unweighted)")
+        ax_dgd.set_ylabel("DGD")
+        ax_dgd.legend(fontsize=8, loc="upper right")
     ax_acc.plot(epochs, [row["val_top1"] for row in history], "o-", label="val top-1")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("top-1 %")
