@@ -29,17 +29,14 @@ from qvit_export.checkpoint import load_checkpoint, read_checkpoint  # noqa: E40
 from qvit_export.data import fashion_mnist  # noqa: E402
 from qvit_export.recipe import load_recipe  # noqa: E402
 from qvit_export.train import evaluate  # noqa: E402
-from qvit_export.trainer import train  # noqa: E402
+from qvit_export.trainer import train_or_reuse  # noqa: E402
 
 VARIANTS = {"LSQ": (False, False), "+IRM": (True, False), "+DGD": (False, True), "+IRM+DGD": (True, True)}
 
 
 def teacher_path(args) -> Path:
     path = Path(args.teacher)
-    if not path.is_file():
-        print(f"training the FP teacher (recipe demo_fp) into {path.parent}", flush=True)
-        train(load_recipe("demo_fp"), path.parent)
-    return path
+    return path if path.is_file() else train_or_reuse(load_recipe("demo_fp"), path.parent)
 
 
 def run_variant(args, teacher: Path, variant: str, bits: int, seed: int) -> dict:
@@ -49,20 +46,10 @@ def run_variant(args, teacher: Path, variant: str, bits: int, seed: int) -> dict
                  "seed": seed, "epochs": args.epochs, "train_limit": args.train_limit, "irm_steps": args.irm_steps}
     if args.dgd_weight is not None:
         overrides["dgd_weight"] = args.dgd_weight
-    recipe = load_recipe("demo_w4a4", overrides)
-    out = Path(args.workdir) / name
-    if (out / "best.pt").is_file() and (out / "last.pt").is_file():
-        saved = read_checkpoint(out / "last.pt")["extra"]
-        if saved["recipe"] == recipe and saved["epoch"] == recipe["epochs"]:
-            best = saved["train_state"]["best"]
-            return {"variant": variant, "bits": bits, "seed": seed, "top1": best["val_top1"], "seconds": None, "run": str(out)}
-    if (out / "last.pt").exists():
-        for f in out.iterdir():
-            f.unlink()
     start = time.perf_counter()
-    result = train(recipe, out, progress=False)
-    return {"variant": variant, "bits": bits, "seed": seed, "top1": result["best"]["val_top1"],
-            "seconds": time.perf_counter() - start, "run": str(out)}
+    best = train_or_reuse(load_recipe("demo_w4a4", overrides), Path(args.workdir) / name, progress=False)
+    return {"variant": variant, "bits": bits, "seed": seed, "top1": read_checkpoint(best)["metrics"]["top1"],
+            "seconds": time.perf_counter() - start, "run": str(best.parent)}
 
 
 def summarise(fp_top1: float, rows: list[dict], bits_list, seeds) -> tuple[str, list[dict]]:
@@ -122,7 +109,6 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/ablation")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ablation"))
     args = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
 
     teacher = teacher_path(args)
     fp = evaluate(load_checkpoint(teacher), fashion_mnist("test"), progress=False)["top1"]
@@ -131,7 +117,7 @@ def main(argv=None) -> int:
     for i, (variant, bits, seed) in enumerate(jobs, 1):
         row = run_variant(args, teacher, variant, bits, seed)
         rows.append(row)
-        took = f"{row['seconds']:.0f} s" if row["seconds"] else "reused"
+        took = f"{row['seconds']:.0f} s"
         print(f"[{i}/{len(jobs)}] W{bits}A{bits} {variant:<9} seed {seed}: top-1 {row['top1']:.2f}% ({took})", flush=True)
 
     markdown, table = summarise(fp, rows, args.bits, args.seeds)

@@ -149,7 +149,7 @@ def plot(results: dict, path: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, batch in zip(axes, (1, 32)):
+    for ax, batch in zip(axes, (1, 32), strict=True):
         names = list(results["models"])
         variants = list(results["models"][names[0]][f"latency_ms_b{batch}"])
         width = 0.8 / len(variants)

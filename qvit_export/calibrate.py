@@ -111,13 +111,14 @@ def input_batches(model: nn.Module, data) -> list[torch.Tensor]:
     return seen
 
 
-def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int = IRM_STEPS, seed: int = 0) -> nn.Module:
+def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int = IRM_STEPS, seed: int = 0,
+              progress: bool = True) -> nn.Module:
     """Initialise every quantizer step (and fit unfitted IRM norms) of a quantized model from real data.
 
     ``data``: image batches (a tensor, a list or a DataLoader of tensors or (image, label) pairs) or a
     callable ``forward_loop(model)`` that runs the model on them. ``method``: 'mse' (the default unless the
     model's QuantConfig says otherwise), 'lsq' (2·mean|x|/sqrt(Qp)) or 'percentile'. ``irm_steps``: Adam steps
-    that fit the IRM norms to the FP model's output (0 leaves them at gamma=1, beta=0).
+    that fit the IRM norms to the FP model's output (0 leaves them at gamma=1, beta=0). ``progress``: show bars.
     Returns the model, in eval mode.
     """
     cfg = getattr(model, "qvit_config", None)
@@ -131,7 +132,7 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    fit_irm(model, batches, steps=irm_steps, seed=seed)
+    fit_irm(model, batches, steps=irm_steps, seed=seed, progress=progress)
 
     # Activation statistics in float, IRM in place, explicit attention so q/k/v/softmax inputs are seen.
     acts = {name: q for name, q in named if not q.per_channel}
@@ -142,7 +143,7 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
         m.force_explicit = True
     try:
         with torch.no_grad(), quantizers_disabled(model):
-            for x in tqdm(batches, desc="calibrate", unit="batch", leave=False):
+            for x in tqdm(batches, desc="calibrate", unit="batch", leave=False, disable=not progress):
                 model(x.to(device))
     finally:
         for h in hooks:

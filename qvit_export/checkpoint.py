@@ -69,10 +69,7 @@ def _torch_load(path: Path):
                         "again") from None
 
 
-def load_state_dict_file(path) -> dict:
-    """A plain state dict (or a dict holding one under 'state_dict' or 'model'), e.g. timm FP weights."""
-    path = Path(path)
-    obj = _torch_load(path)
+def _state_dict_of(obj, path: Path) -> dict:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         obj = obj["state_dict"]
     for key in ("state_dict", "model"):
@@ -83,10 +80,13 @@ def load_state_dict_file(path) -> dict:
     return obj
 
 
-def read_checkpoint(path) -> dict:
-    """The checkpoint's contents, checked to be a qvit-export checkpoint of a version we read."""
+def load_state_dict_file(path) -> dict:
+    """A plain state dict (or a dict holding one under 'state_dict' or 'model'), e.g. timm FP weights."""
     path = Path(path)
-    ckpt = _torch_load(path)
+    return _state_dict_of(_torch_load(path), path)
+
+
+def _checked(ckpt, path: Path) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise QvitError(f"{path} is not a qvit-export checkpoint (a bare state dict?): load timm weights with "
                         "qvit_export.create_model(name, weights=...) instead")
@@ -103,16 +103,20 @@ def read_checkpoint(path) -> dict:
     return ckpt
 
 
-def load_checkpoint(path) -> nn.Module:
-    """Rebuild the model a checkpoint describes (quantized if it was) and load its weights; eval mode.
+def read_checkpoint(path) -> dict:
+    """The checkpoint's contents, checked to be a qvit-export checkpoint of a version we read."""
+    path = Path(path)
+    return _checked(_torch_load(path), path)
+
+
+def model_from_checkpoint(ckpt: dict, path) -> nn.Module:
+    """Rebuild the model a checkpoint read by ``read_checkpoint`` describes and load its weights; eval mode.
 
     The checkpoint's metrics and extra data are on ``model.qvit_checkpoint``.
     """
     from .quantize import quantize
     from .timm_models import create_model
 
-    path = Path(path)
-    ckpt = read_checkpoint(path)
     model = create_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"])
     if ckpt["quant"] is not None:
         model = quantize(model, QuantConfig.from_dict(ckpt["quant"]), inplace=True)
@@ -128,3 +132,27 @@ def load_checkpoint(path) -> nn.Module:
         raise QvitError(f"{path} does not match {ckpt['model']['name']}: {detail}") from None
     model.qvit_checkpoint = {k: ckpt[k] for k in ("metrics", "extra")} | {"path": str(path)}
     return model.eval()
+
+
+def load_checkpoint(path) -> nn.Module:
+    """Rebuild the model a checkpoint describes (quantized if it was) and load its weights; eval mode."""
+    return model_from_checkpoint(read_checkpoint(path), path)
+
+
+def load_model_file(path, name: str | None = None, kwargs: dict | None = None) -> nn.Module:
+    """A model from one read of ``path``: our checkpoint (it names its model), or a timm weights file for the
+    timm model ``name`` built with ``kwargs``."""
+    from .timm_models import create_model
+
+    path = Path(path)
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") is not None:
+        return model_from_checkpoint(_checked(obj, path), path)
+    if not name:
+        raise QvitError(f"{path} is a plain weights file: say which timm model it belongs to")
+    model = create_model(name, **(kwargs or {}))
+    try:
+        model.load_state_dict(_state_dict_of(obj, path))
+    except RuntimeError as e:
+        raise QvitError(f"{path} does not fit {name}: {str(e).splitlines()[0]}") from None
+    return model

@@ -160,21 +160,17 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
-    if args.no_progress:
-        os.environ["TQDM_DISABLE"] = "1"  # calibration's and IRM's bars too
     from .recipe import load_recipe, parse_override, validate
+    from .trainer import read_resume, train
 
     overrides = dict(parse_override(text) for text in args.set)
     overrides |= {key: getattr(args, key) for key, _ in _SHORTCUTS if getattr(args, key) is not None}
+    resume = None
     if args.resume:
-        from .checkpoint import read_checkpoint
-
         if args.recipe or overrides:
             raise QvitError("--resume continues the saved recipe unchanged: drop --recipe, --set and the shortcuts")
-        saved = read_checkpoint(args.resume)["extra"]
-        if "train_state" not in saved:
-            raise QvitError(f"{args.resume} holds no training state: resume from a run's last.pt, not best.pt")
-        recipe = validate(dict(saved["recipe"]))
+        resume = read_resume(args.resume)
+        recipe = validate(dict(resume["extra"]["recipe"]))
         out = Path(args.out) if args.out else Path(args.resume).parent
     else:
         if not args.recipe:
@@ -184,9 +180,7 @@ def train_main(argv=None) -> int:
         if (out / "last.pt").exists():
             raise QvitError(f"{out} already holds a run: continue it with --resume {out / 'last.pt'}, or choose "
                             "another --out")
-    from .trainer import train
-
-    result = train(recipe, out, resume=args.resume, progress=not args.no_progress)
+    result = train(recipe, out, resume=resume, progress=not args.no_progress)
     best = result["best"]
     if best is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"best: epoch {best['epoch']}, val top-1 {best['val_top1']:.2f}% -> {out / 'best.pt'} "

@@ -82,19 +82,29 @@ def photo_batch(model, names=PHOTOS) -> torch.Tensor:
     return torch.stack(images)
 
 
+def folder_dataset(folder: Path, transform):
+    """timm's dataset over one folder of class sub-folders, with ``transform``; empty or missing is an error."""
+    from timm.data import create_dataset
+
+    try:
+        dataset = create_dataset("", root=str(folder))
+    except RuntimeError:  # timm refuses a folder without images
+        dataset = []
+    if len(dataset) == 0:
+        raise QvitError(f"no images in {folder}: put one sub-folder of images per class there")
+    dataset.transform = transform
+    return dataset
+
+
 def image_folder(root, model):
     """An ImageNet-layout folder (class sub-folders, or train/ and val/ splits) through timm's eval transform."""
-    from timm.data import create_dataset, create_transform, resolve_data_config
+    from timm.data import create_transform, resolve_data_config
 
     root = Path(root)
     if not root.is_dir():
         raise QvitError(f"image folder not found: {root} (expected class sub-folders of images)")
     split = next((s for s in ("val", "validation", "test") if (root / s).is_dir()), "")
-    dataset = create_dataset("", root=str(root / split) if split else str(root))
-    if len(dataset) == 0:
-        raise QvitError(f"no images in {root}: put one sub-folder of images per class there")
-    dataset.transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
-    return dataset
+    return folder_dataset(root / split, create_transform(**resolve_data_config({}, model=model), is_training=False))
 
 
 def evaluation_dataset(spec: str, model):

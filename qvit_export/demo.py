@@ -16,45 +16,21 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
 from .calibrate import calibrate
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import QuantConfig
 from .data import fashion_mnist
 from .errors import QvitError
 from .quantize import quantize
 from .recipe import load_recipe
 from .train import evaluate
+from .train_data import calibration_images
+from .trainer import train_or_reuse
 
-DEMO_RECIPES = ("demo_fp", "demo_w4a4")
 _FP = load_recipe("demo_fp")
 DEMO_MODEL, DEMO_KWARGS = _FP["model"], dict(_FP["model_kwargs"])
 CALIBRATION_IMAGES = 1024
-
-
-def finished_run(out: Path, recipe: dict) -> Path | None:
-    """best.pt of a run in ``out`` that finished this very recipe, else None."""
-    try:
-        saved = read_checkpoint(out / "last.pt")["extra"]
-    except QvitError:
-        return None
-    done = saved.get("recipe") == recipe and saved.get("epoch") == recipe["epochs"]
-    return out / "best.pt" if done and (out / "best.pt").is_file() else None
-
-
-def train_or_reuse(recipe: dict, out: Path) -> Path:
-    """Train ``recipe`` into ``out`` unless a finished run of it is there; a stale run is replaced."""
-    from .trainer import train
-
-    best = finished_run(out, recipe)
-    if best is not None:
-        print(f"reusing {best} ({recipe['name']})")
-        return best
-    for stale in ("last.pt", "best.pt", "metrics.csv"):
-        (out / stale).unlink(missing_ok=True)
-    train(recipe, out)
-    return out / "best.pt"
 
 
 def fashion_teacher(workdir) -> torch.nn.Module:
@@ -64,9 +40,7 @@ def fashion_teacher(workdir) -> torch.nn.Module:
 
 def calibration_batches(n: int = CALIBRATION_IMAGES, batch_size: int = 256, seed: int = 0) -> list[torch.Tensor]:
     """A fixed random draw of ``n`` Fashion-MNIST training images, as a list of batches."""
-    train_set = fashion_mnist("train")
-    pick = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:n]
-    return [x for x, _ in DataLoader(Subset(train_set, pick.tolist()), batch_size=batch_size)]
+    return calibration_images(fashion_mnist("train"), n, seed, batch_size)
 
 
 def ptq(teacher: torch.nn.Module, cfg: QuantConfig, batches) -> torch.nn.Module:

@@ -44,10 +44,6 @@ class QKTap:
         for attn in self.attentions:
             attn.force_explicit = False
 
-    def clear(self) -> None:
-        self.q.clear()
-        self.k.clear()
-
 
 def similarity(x: torch.Tensor) -> torch.Tensor:
     """Token-by-token cosine similarity per head: [B, H, N, D] → [B, H, N, N].

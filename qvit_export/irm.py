@@ -35,7 +35,7 @@ def irm_bypassed(model: nn.Module):
 
 
 def fit_irm(model: nn.Module, batches: list[torch.Tensor], steps: int = IRM_STEPS, lr: float = IRM_LR,
-            seed: int = 0) -> None:
+            seed: int = 0, progress: bool = True) -> None:
     """Fit the unfitted IRM norms of ``model`` by distilling its own FP output (see the module docstring)."""
     named = [(name, norm) for name, norm in irm_norms(model) if not norm.fitted]
     if not named:
@@ -58,7 +58,7 @@ def fit_irm(model: nn.Module, batches: list[torch.Tensor], steps: int = IRM_STEP
         optimizer = torch.optim.Adam(params, lr=lr)
         try:
             with torch.enable_grad(), quantizers_disabled(model):
-                bar = tqdm(order.tolist(), desc="fit IRM", unit="step", leave=False)
+                bar = tqdm(order.tolist(), desc="fit IRM", unit="step", leave=False, disable=not progress)
                 for i in bar:
                     log_probs = model(batches[i].to(device)).log_softmax(-1)
                     loss = F.kl_div(log_probs, targets[i], log_target=True, reduction="batchmean")

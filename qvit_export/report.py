@@ -36,19 +36,15 @@ class LayerCount:
     weight_params: int = 0
 
     @property
-    def flops(self) -> float:
-        return float(self.macs)
-
-    @property
     def quantized(self) -> bool:
         return self.a_bits is not None
 
     def ops(self) -> float:
         bits = max(self.w_bits or 0, self.a_bits or 0)
-        return self.macs * OPS_FACTOR.get(bits, 1.0) if self.quantized else self.flops
+        return self.macs * OPS_FACTOR.get(bits, 1.0) if self.quantized else float(self.macs)
 
     def bops(self) -> float:
-        return self.macs * (self.w_bits or self.a_bits) * self.a_bits / 64 if self.quantized else self.flops
+        return self.macs * (self.w_bits or self.a_bits) * self.a_bits / 64 if self.quantized else float(self.macs)
 
 
 def count_layers(model: nn.Module, cfg: QuantConfig | None) -> list[LayerCount]:
@@ -125,7 +121,7 @@ class Report:
 
     @property
     def flops(self) -> float:
-        return sum(r.flops for r in self.layers)
+        return float(sum(r.macs for r in self.layers))  # one MAC = one FLOP
 
     @property
     def ops(self) -> float:

@@ -1,7 +1,6 @@
 """Evaluation: top-1/top-5 and loss, as sums that add up across processes (the trainer) or as metrics."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,15 +14,16 @@ def evaluation_sums(model: nn.Module, loader, desc: str = "eval", progress: bool
     device = next(iter(model.parameters()), torch.zeros(0)).device  # an ONNX/TensorRT wrapper has none
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # summed where the logits are: one copy at the end
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
         x, y = x.to(device), y.to(device)
         logits = model(x).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(dim=1).sum().item(),
-                              F.cross_entropy(logits, y, reduction="sum").item(), y.numel()], dtype=torch.float64)
+        batch = [(top[:, 0] == y).sum(), (top == y[:, None]).any(dim=1).sum(),
+                 F.cross_entropy(logits, y, reduction="sum"), torch.tensor(y.numel(), device=device)]
+        sums += torch.stack([v.double() for v in batch])
     model.train(was_training)
-    return sums
+    return sums.cpu()
 
 
 def metrics_from_sums(sums: torch.Tensor) -> dict:

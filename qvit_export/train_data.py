@@ -14,10 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
+from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist, folder_dataset
 from .errors import QvitError
 
 _BACKGROUND = (0.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD  # a black pixel after normalisation
+
+
+def _unchanged(x):
+    return x
 
 
 class SeededAugment(Dataset):
@@ -28,7 +32,7 @@ class SeededAugment(Dataset):
 
     def __init__(self, base: Dataset, transform, seed: int, plain=None):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
-        self.plain = plain or (lambda x: x)
+        self.plain = plain or _unchanged
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,16 +86,16 @@ def _fashion(recipe: dict, model) -> tuple[Dataset, Dataset]:
     return train, _limit(fashion_mnist("test"), recipe["val_limit"])
 
 
-def _folder_split(root: Path, names: tuple[str, ...], what: str) -> Path:
+def _folder_split(root: Path, names: tuple[str, ...]) -> Path:
     for name in names:
         if (root / name).is_dir():
             return root / name
-    raise QvitError(f"{root} has no {what} folder ({' or '.join(names)}/): lay it out as ImageNet is, "
+    raise QvitError(f"{root} has no {names[0]} folder ({' or '.join(names)}/): lay it out as ImageNet is, "
                     "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg")
 
 
 def _image_folder(recipe: dict, model) -> tuple[Dataset, Dataset]:
-    from timm.data import create_dataset, create_transform, resolve_data_config
+    from timm.data import create_transform, resolve_data_config
 
     root = Path(recipe["data"])
     if not root.is_dir():
@@ -99,26 +103,15 @@ def _image_folder(recipe: dict, model) -> tuple[Dataset, Dataset]:
                         "train/ and val/)")
     config = resolve_data_config({}, model=model)
     aug = recipe["augment"]
-    sets = []
-    for names, training in ((("train",), True), (("val", "validation"), False)):
-        split = _folder_split(root, names, names[0])
-        try:
-            dataset = create_dataset("", root=str(split))
-        except RuntimeError:  # timm refuses a folder without images
-            dataset = []
-        if len(dataset) == 0:
-            raise QvitError(f"no images in {split}: put one sub-folder of images per class there")
-        if training:
-            dataset.transform = None  # SeededAugment applies timm's transform itself, seeded per sample
-            transform = create_transform(**config, is_training=True, hflip=aug["hflip"], scale=tuple(aug["scale"]),
-                                         color_jitter=aug["color_jitter"], auto_augment=aug["auto_augment"] or None,
-                                         re_prob=aug["re_prob"])
-            sets.append(SeededAugment(_limit(dataset, recipe["train_limit"]), transform, recipe["seed"],
-                                      plain=create_transform(**config, is_training=False)))
-        else:
-            dataset.transform = create_transform(**config, is_training=False)
-            sets.append(_limit(dataset, recipe["val_limit"]))
-    return sets[0], sets[1]
+    plain = create_transform(**config, is_training=False)
+    augmented = create_transform(**config, is_training=True, hflip=aug["hflip"], scale=tuple(aug["scale"]),
+                                 color_jitter=aug["color_jitter"], auto_augment=aug["auto_augment"] or None,
+                                 re_prob=aug["re_prob"])
+    # The training images come untransformed: SeededAugment applies timm's transform, seeded per sample.
+    train = folder_dataset(_folder_split(root, ("train",)), None)
+    val = folder_dataset(_folder_split(root, ("val", "validation")), plain)
+    return (SeededAugment(_limit(train, recipe["train_limit"]), augmented, recipe["seed"], plain=plain),
+            _limit(val, recipe["val_limit"]))
 
 
 def training_data(recipe: dict, model) -> tuple[Dataset, Dataset]:
@@ -136,10 +129,7 @@ def set_epoch(dataset: Dataset, epoch: int) -> None:
 
 def calibration_images(dataset: Dataset, n: int, seed: int, batch_size: int = 256) -> list[torch.Tensor]:
     """A fixed random draw of ``n`` training images (augmentation off), as batches."""
-    if isinstance(dataset, SeededAugment):
-        base, plain = dataset.base, dataset.plain
-    else:
-        base, plain = dataset, (lambda x: x)
+    base, plain = (dataset.base, dataset.plain) if isinstance(dataset, SeededAugment) else (dataset, _unchanged)
     pick = torch.randperm(len(base), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     images = [plain(base[i][0]) for i in pick]
     return [torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]

@@ -29,8 +29,12 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .atomic import write_text
-from .checkpoint import read_checkpoint, save_checkpoint
+from .calibrate import calibrate
+from .checkpoint import load_model_file, read_checkpoint, save_checkpoint
+from .config import QuantConfig
+from .distill import dgd_loss, logit_distillation, tapped
 from .errors import QvitError
+from .quantize import quantize, set_quantizers_enabled
 from .recipe import quant_config, to_yaml
 from .train import evaluation_sums, metrics_from_sums
 from .train_data import calibration_images, set_epoch, training_data
@@ -86,7 +90,6 @@ def seed_everything(seed: int, rank: int = 0, epoch: int = 0) -> None:
 
 def load_teacher(recipe: dict) -> nn.Module:
     """The FP teacher: our FP checkpoint, a timm weights file (with the recipe's model), or timm's pretrained."""
-    from .checkpoint import _torch_load
     from .timm_models import create_model
 
     spec, name, kwargs = recipe["teacher"], recipe["model"], recipe["model_kwargs"]
@@ -103,24 +106,22 @@ def load_teacher(recipe: dict) -> nn.Module:
     path = Path(spec)
     if not path.is_file():
         raise QvitError(f"teacher not found: {path} (train one with qvit-train mode=fp, or give a timm weights file)")
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and obj.get("format") is not None:
-        from .checkpoint import load_checkpoint
+    teacher = load_model_file(path, name, kwargs)
+    if getattr(teacher, "qvit_config", None) is not None:
+        raise QvitError(f"teacher {path} is a quantized model: the teacher must be the FP model (its best.pt "
+                        "from a mode=fp run)")
+    if name and teacher.qvit_source["name"] != name:
+        raise QvitError(f"teacher {path} is a {teacher.qvit_source['name']} but the recipe says {name}: the student "
+                        "starts from the teacher, so they must match")
+    return teacher
 
-        ckpt = read_checkpoint(path)
-        if ckpt["quant"] is not None:
-            raise QvitError(f"teacher {path} is a quantized model: the teacher must be the FP model (its best.pt "
-                            "from a mode=fp run)")
-        if name and ckpt["model"]["name"] != name:
-            raise QvitError(f"teacher {path} is a {ckpt['model']['name']} but the recipe says {name}: the student "
-                            "starts from the teacher, so they must match")
-        return load_checkpoint(path)
-    if not name:
-        raise QvitError(f"teacher {path} is a plain weights file: set model (the timm name) in the recipe")
-    try:
-        return create_model(name, weights=str(path), **kwargs)
-    except RuntimeError as e:
-        raise QvitError(f"teacher {path} does not fit {name}: {str(e).splitlines()[0]}") from None
+
+def read_resume(path) -> dict:
+    """A run's last.pt, checked to hold the training state that --resume needs."""
+    saved = read_checkpoint(path)
+    if "train_state" not in saved["extra"]:
+        raise QvitError(f"{path} holds no training state: resume from a run's last.pt, not best.pt")
+    return saved
 
 
 def fp_model(recipe: dict) -> nn.Module:
@@ -138,12 +139,9 @@ def fp_model(recipe: dict) -> nn.Module:
 
 
 def frozen_fp_teacher(teacher: nn.Module) -> nn.Module:
-    """The teacher in quantizable form with every quantizer off: bit-identical to the FP model, and it has the
-    q/k taps DGD reads."""
-    from .config import QuantConfig
-    from .quantize import quantize, set_quantizers_enabled
-
-    twin = quantize(teacher, QuantConfig(w_bits=8, a_bits=8, irm=False))
+    """``teacher`` turned, in place, into its quantizable form with every quantizer off: bit-identical to the FP
+    model, and it has the q/k taps DGD reads."""
+    twin = quantize(teacher, QuantConfig(w_bits=8, a_bits=8, irm=False), inplace=True)
     set_quantizers_enabled(twin, False)
     for p in twin.parameters():
         p.requires_grad_(False)
@@ -188,36 +186,36 @@ def make_schedule(recipe: dict, optimizer, steps_per_epoch: int):
 # ---- one run ---------------------------------------------------------------------------------------
 
 class Trainer:
-    def __init__(self, recipe: dict, out: Path, resume: Path | None = None, progress: bool = True):
+    """One run. ``resume``: a run's last.pt as ``read_resume`` returns it."""
+
+    def __init__(self, recipe: dict, out: Path, resume: dict | None = None, progress: bool = True):
         self.recipe, self.out, self.progress = recipe, Path(out), progress
         self.procs = Processes()
         r = recipe
-        saved = read_checkpoint(resume) if resume else None
-        state = saved["extra"].get("train_state") if saved else None
-        if saved and state is None:
-            raise QvitError(f"{resume} holds no training state: resume from a run's last.pt, not best.pt")
+        state = resume["extra"]["train_state"] if resume else None
         seed_everything(r["seed"])
+        qat = r["mode"] == "qat"
+        self.use_kd = qat and r["distill"] != "none"
+        self.use_dgd = qat and r["dgd"] and r["dgd_weight"] > 0
 
         # Models: the student starts from the teacher's weights, then is calibrated (unless resuming).
         self.teacher = None
-        if r["mode"] == "qat":
-            from .calibrate import calibrate
-            from .quantize import quantize
-
+        if qat:
             fp = load_teacher(r)
             self.model = quantize(fp, quant_config(r))
-            self.teacher = frozen_fp_teacher(fp).to(self.procs.device)
+            if self.use_kd or self.use_dgd:
+                self.teacher = frozen_fp_teacher(fp).to(self.procs.device)
         else:
             self.model = fp_model(r)
-        self.train_set, self.val_set = self._data()
-        if r["mode"] == "qat" and state is None:
+        self.train_set, self.val_set = training_data(r, self.model)
+        if qat and state is None:
             batches = calibration_images(self.train_set, r["calibration_images"], r["seed"])
-            calibrate(self.model, batches, irm_steps=r["irm_steps"], seed=r["seed"])
+            calibrate(self.model, batches, irm_steps=r["irm_steps"], seed=r["seed"], progress=progress)
         if state is not None:
-            self.model.load_state_dict(saved["state_dict"])
+            self.model.load_state_dict(resume["state_dict"])
         self.model.to(self.procs.device)
         if hasattr(self.model, "set_distilled_training"):  # DeiT's distillation token trains on the teacher
-            self.model.set_distilled_training(r["mode"] == "qat" and r["distill"] != "none")
+            self.model.set_distilled_training(self.use_kd)
 
         # Data loading: one global batch split evenly, the same samples per step whatever the process count.
         if r["batch_size"] % self.procs.world:
@@ -251,29 +249,21 @@ class Trainer:
         if self.procs.world > 1:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.procs.device] if cuda else None)
 
-    def _data(self):
-        return training_data(self.recipe, self.model)
-
     # -- losses --
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
         r = self.recipe
-        qat = self.teacher is not None
-        use_dgd = qat and r["dgd"] and r["dgd_weight"] > 0
-        use_kd = qat and r["distill"] != "none"
-        from .distill import dgd_loss, logit_distillation, tapped
-
-        taps = tapped(self.model, self.teacher) if use_dgd else contextlib.nullcontext((None, None))
+        taps = tapped(self.model, self.teacher) if self.use_dgd else contextlib.nullcontext((None, None))
         with taps as (student_tap, teacher_tap):
             out = self.net(x)
-            if use_kd or use_dgd:
+            if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
-            dgd = dgd_loss(student_tap, teacher_tap) if use_dgd else None
+            dgd = dgd_loss(student_tap, teacher_tap) if self.use_dgd else None
         logits, dist_logits = out if isinstance(out, tuple) else (out, None)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=r["label_smoothing"])
         parts = {"ce": ce.detach()}
         loss = ce
-        if use_kd:
+        if self.use_kd:
             kd = logit_distillation(dist_logits if dist_logits is not None else logits, teacher_logits, r["distill"],
                                     r["distill_tau"])
             alpha = 0.5 if dist_logits is not None else r["distill_weight"]
@@ -284,7 +274,7 @@ class Trainer:
             parts["dgd"] = dgd.detach()
         return loss, parts
 
-    def _step(self, x, y) -> tuple[float, dict]:
+    def _step(self, x, y) -> tuple[torch.Tensor, dict]:
         device = self.procs.device
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None):
@@ -309,19 +299,22 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             set_epoch(self.train_set, epoch)
             self.net.train()
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, kd, dgd, steps
+            # loss, ce, kd, dgd, steps: summed where the loss lives; read back every log_every steps only, so a
+            # GPU is not stopped after each step to copy four numbers
+            sums = torch.zeros(5, dtype=torch.float64, device=self.procs.device)
+            zero = torch.zeros((), device=self.procs.device)
             start = time.perf_counter()
             bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{r['epochs']}", unit="batch", leave=False,
                        disable=not (self.progress and procs.main))
             log_every = max(1, len(self.loader) // 50)
             for i, (x, y) in enumerate(bar):
                 loss, parts = self._step(x, y)
-                sums += torch.tensor([loss.item(), parts["ce"].item(), float(parts.get("kd", 0.0)),
-                                      float(parts.get("dgd", 0.0)), 1.0], dtype=torch.float64)
+                step = [loss, parts["ce"], parts.get("kd", zero), parts.get("dgd", zero), torch.ones_like(zero)]
+                sums += torch.stack([v.double() for v in step])
                 if i % log_every == 0:
+                    mean = (sums / sums[4]).tolist()
                     self.step_losses.append([epoch * len(self.loader) + i, loss.item()])
-                bar.set_postfix(loss=f"{sums[0] / sums[4]:.3f}", **({"dgd": f"{sums[3] / sums[4]:.3f}"}
-                                                                   if "dgd" in parts else {}))
+                    bar.set_postfix(loss=f"{mean[0]:.3f}", **({"dgd": f"{mean[3]:.3f}"} if self.use_dgd else {}))
             seconds = time.perf_counter() - start
             sums = procs.sum(sums)
             val = metrics_from_sums(procs.sum(evaluation_sums(self.model, self.val_loader, desc="validate",
@@ -363,10 +356,35 @@ class Trainer:
         write_text(self.out / "metrics.csv", buffer.getvalue())
 
 
-def train(recipe: dict, out, resume=None, progress: bool = True) -> dict:
-    """Run (or resume) one training run; returns the best epoch's row and the history."""
-    trainer = Trainer(recipe, Path(out), Path(resume) if resume else None, progress)
+def train(recipe: dict, out, resume: dict | None = None, progress: bool = True) -> dict:
+    """Run (or resume, from ``read_resume(last.pt)``) one training run; returns the best epoch's row and the
+    history."""
+    trainer = Trainer(recipe, Path(out), resume, progress)
     try:
         return trainer.run()
     finally:
         trainer.procs.close()
+
+
+def finished_run(out: Path, recipe: dict) -> Path | None:
+    """best.pt of a run in ``out`` that finished this very recipe, else None."""
+    try:
+        saved = read_checkpoint(out / "last.pt")["extra"]
+    except QvitError:
+        return None
+    done = saved.get("recipe") == recipe and saved.get("epoch") == recipe["epochs"]
+    return out / "best.pt" if done and (out / "best.pt").is_file() else None
+
+
+def train_or_reuse(recipe: dict, out, progress: bool = True) -> Path:
+    """best.pt of ``recipe`` in ``out``: reused when a finished run of it is there, else trained (a stale or
+    unfinished run in ``out`` is replaced)."""
+    out = Path(out)
+    best = finished_run(out, recipe)
+    if best is not None:
+        print(f"reusing {best} ({recipe['name']})")
+        return best
+    for stale in ("last.pt", "best.pt", "metrics.csv"):
+        (out / stale).unlink(missing_ok=True)
+    train(recipe, out, progress=progress)
+    return out / "best.pt"

@@ -116,7 +116,7 @@ def test_timm_weights_file_loads_through_create_model(tmp_path):
     src = create_model("test_vit")
     torch.save(src.state_dict(), tmp_path / "w.pth")
     model = create_model("test_vit", weights=tmp_path / "w.pth")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values(), strict=True))
 
 
 def test_missing_dataset_is_one_line_and_nonzero_exit(tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from qvit_export import QvitError, read_checkpoint, save_checkpoint
 from qvit_export.recipe import RECIPE_DIRS, load_recipe
-from qvit_export.trainer import Trainer
+from qvit_export.trainer import Trainer, finished_run
 
 QVIT_TRAIN = [sys.executable, "-c",
               "import sys; from qvit_export.cli import qvit_train; sys.argv[0] = 'qvit-train'; qvit_train()"]
@@ -88,7 +88,9 @@ def free_port() -> int:
 
 
 def test_torchrun_two_processes_equal_one(teacher_ckpt, tmp_path):
-    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY, "--set", "train_limit=64"]
+    # Augmentation on: SeededAugment must give each sample the same crop and flip whatever the process count.
+    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY, "--set", "train_limit=64",
+              "--set", "augment.hflip=0.5", "--set", "augment.crop_padding=2"]
     one_thread = os.environ | {"OMP_NUM_THREADS": "1"}  # torchrun's default per process; calibration then agrees
     one = subprocess.run([*QVIT_TRAIN, *common, "--out", tmp_path / "one"], capture_output=True, text=True, timeout=300,
                          env=one_thread)
@@ -120,12 +122,15 @@ def test_killed_run_resumes_to_the_same_result(teacher_ckpt, tmp_path):
     proc.send_signal(signal.SIGKILL)  # epoch 1 is saved; epoch 2 has just begun
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
-    assert read_checkpoint(run_dir / "last.pt")["extra"]["epoch"] == 1
+    saved = read_checkpoint(run_dir / "last.pt")["extra"]
+    assert saved["epoch"] == 1
+    assert finished_run(run_dir, saved["recipe"]) is None  # what make demo and the ablation would retrain
     resumed = subprocess.run([*QVIT_TRAIN, "--resume", run_dir / "last.pt", "--no-progress"], capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert max_difference(stored(tmp_path / "whole" / "last.pt"), stored(run_dir / "last.pt")) < 1e-6
     assert (tmp_path / "whole" / "metrics.csv").read_text().count("\n") == 4
+    assert finished_run(run_dir, saved["recipe"]) == run_dir / "best.pt"
     whole_rows = [ln.split(",")[:9] for ln in (tmp_path / "whole" / "metrics.csv").read_text().splitlines()]
     resumed_rows = [ln.split(",")[:9] for ln in (run_dir / "metrics.csv").read_text().splitlines()]
     assert whole_rows == resumed_rows  # loss terms and validation metrics per epoch; timings differ
@@ -140,8 +145,6 @@ def one_error_line(result) -> str:
 
 def test_bad_inputs_give_one_line(teacher_ckpt, tmp_path, capsys, monkeypatch):
     from qvit_export.cli import _run, train_main
-
-    monkeypatch.setenv("TQDM_DISABLE", "1")  # --no-progress sets it; keep it from leaking into other tests
 
     def train(*args) -> str:
         capsys.readouterr()
@@ -189,3 +192,23 @@ def test_recipe_errors_are_clear():
         load_recipe("demo_w4a4", {"teacher": None})
     with pytest.raises(QvitError, match="unknown augment key 'blur'"):
         load_recipe("demo_fp", {"augment.blur": 1})
+
+
+def test_teacher_sources(teacher_ckpt, fmnist_teacher, fmnist_calibration, tmp_path):
+    """Our FP checkpoint and a plain timm weights file give the same teacher; a quantized one is refused."""
+    from qvit_export import QuantConfig, quantize
+    from qvit_export.demo import DEMO_KWARGS, DEMO_MODEL
+    from qvit_export.trainer import load_teacher
+
+    weights = tmp_path / "timm_weights.pth"
+    torch.save(fmnist_teacher.state_dict(), weights)
+    x = fmnist_calibration[0][:8]
+    expected = fmnist_teacher(x)
+    for spec in (teacher_ckpt, weights):
+        teacher = load_teacher({"teacher": str(spec), "model": DEMO_MODEL, "model_kwargs": DEMO_KWARGS})
+        assert torch.equal(teacher.eval()(x), expected)
+    with pytest.raises(QvitError, match="plain weights file"):
+        load_teacher({"teacher": str(weights), "model": None, "model_kwargs": {}})
+    quantized = save_checkpoint(tmp_path / "q.pt", quantize(fmnist_teacher, QuantConfig(w_bits=8, a_bits=8, irm=False)))
+    with pytest.raises(QvitError, match="is a quantized model"):
+        load_teacher({"teacher": str(quantized), "model": None, "model_kwargs": {}})
