@@ -41,8 +41,14 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="ONNX output (default: next to --engine, else next to the checkpoint)")
     p.add_argument("--engine", help="TensorRT plan to build (needs TensorRT or TensorRT-RTX)")
     g = p.add_argument_group("graph")
-    g.add_argument("--precision", choices=("int8", "int4"), default="int8",
-                   help="int4: MatMul weights of <= 4 bits stored as INT4 (weight-only); activations stay INT8")
+    g.add_argument("--precision", choices=("int8", "int4", "int4-weight-only"), default="int8",
+                   help="int8: INT8 weights and activations (the fastest engine); int4: MatMul weights of <= 4 bits "
+                        "as INT4 blocks, activations INT8 (TensorRT-RTX converts the weights to INT8 on every "
+                        "inference); int4-weight-only: INT4 weight blocks, activations in --dtype (TensorRT's INT4 path, "
+                        "the smallest engine)")
+    g.add_argument("--int4-block", type=int, choices=(64, 128), default=64,
+                   help="INT4 block size along K (default 64: covers the most of DeiT/Swin; layers whose K is no "
+                        "multiple stay INT8)")
     g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the non-quantized ops")
     g.add_argument("--opset", type=int, help="ONNX opset (default: 17, 19 for fp16, 21 for int4)")
     g.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 instead of a dynamic axis")
@@ -64,6 +70,8 @@ def export_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch", type=_batch_triple, default=(1, 8, 32), help="min,opt,max batch (default 1,8,32)")
     e.add_argument("--workspace", type=int, help="builder workspace limit in MiB")
     e.add_argument("--timing-cache", help="timing cache file, read and updated")
+    e.add_argument("--allow-float-gemms", action="store_true",
+                   help="keep an engine in which a quantized layer runs as a float GEMM (default: refuse it)")
     return p
 
 
@@ -85,7 +93,7 @@ def export_main(argv=None) -> int:
     ckpt = read_checkpoint(ckpt_path)
     if ckpt["quant"] is None:
         raise QvitError(f"{ckpt_path} holds a float model: quantize and calibrate (or train) it before export")
-    options = ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset,
+    options = ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset, int4_block=args.int4_block,
                             dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm)
     opset = options.resolved_opset()  # refuse bad options before any work
     have_tensorrt = False
@@ -125,17 +133,28 @@ def export_main(argv=None) -> int:
             print("note: fp16 graph against the fp32 PyTorch model; measure its accuracy with qvit-eval --onnx")
     print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s, "
           f"{args.precision}, {args.dtype}, opset {opset})")
+    if options.int4:
+        from .onnx_export import int4_layers
+
+        chosen, kept = int4_layers(model, options.int4_block)
+        print(f"INT4 weights (block {options.int4_block}): {len(chosen)} layers; INT8 weights: {len(kept)} layers"
+              + "".join(f"\n  {name}: {why}" for name, why in kept.items()))
 
     if args.engine:
         from .engine import INSTALL_HINT, build_engine
 
         if not have_tensorrt:
             raise QvitError(f"no TensorRT here to build {args.engine}: {INSTALL_HINT}; the ONNX is kept at {onnx_path}")
+        from .anatomy import summary_line
+
         report = build_engine(onnx_path, args.engine, target=args.target, compute_capability=args.compute_capability,
-                              batch=args.batch, workspace_mib=args.workspace, timing_cache=args.timing_cache)
+                              batch=args.batch, workspace_mib=args.workspace, timing_cache=args.timing_cache,
+                              allow_float_gemms=args.allow_float_gemms)
         print(f"built {args.engine} with {report['library']} {report['version']} for {report['target']}: "
               f"{report['plan_bytes'] / 1e6:.2f} MB, {report['layers']} layers "
               f"({len(report['qdq_layers'])} Q/DQ), {report['build_seconds']:.1f} s; report {report['report']}")
+        anatomy = report["anatomy"]
+        print(summary_line(anatomy) if "summary" in anatomy else f"anatomy: skipped ({anatomy['skipped']})")
     return 0
 
 

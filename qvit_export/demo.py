@@ -4,8 +4,9 @@
 
 1. FP teacher (recipe models/demo_fp.yaml, qvit-train's engine), 2. PTQ baselines (W8A8, W4A4) calibrated on
 1,024 training images, 3. the W4A4 Q-ViT student (recipe models/demo_w4a4.yaml: calibrate, then QAT with IRM +
-DGD + logit distillation), 4. qvit-export's steps on the student: INT4 QDQ ONNX, parity against PyTorch on all
-10,000 test images through ONNX Runtime, accuracy there, and a TensorRT-RTX plan for SM89. Finished runs are
+DGD + logit distillation), 4. qvit-export's steps on the student, for int8 (the fastest engine) and int4-weight-only (the
+smallest): QDQ ONNX, parity against PyTorch on all 10,000 test images through ONNX Runtime, accuracy there,
+and a TensorRT-RTX plan for SM89 with its anatomy (which kernel runs each quantized layer, in which types). Finished runs are
 reused, so a second run only re-measures.
 """
 from __future__ import annotations
@@ -48,30 +49,38 @@ def ptq(teacher: torch.nn.Module, cfg: QuantConfig, batches) -> torch.nn.Module:
     return calibrate(quantize(teacher, cfg), batches)
 
 
+DEPLOYED = (("int8", "W4A4 Q-ViT, INT8"), ("int4-weight-only", "Q-ViT, INT4 w-only"))
+
+
 def deploy(ckpt: Path, workdir: Path, test_set) -> dict:
-    """qvit-export's steps for one checkpoint: INT4 ONNX, parity on the test set, ORT accuracy, TensorRT-RTX plan."""
+    """qvit-export's steps for one checkpoint, per precision (int8: the fastest engine; int4-weight-only: the
+    smallest): ONNX, parity on the test set, ORT accuracy, TensorRT-RTX plan and its anatomy."""
+    from .anatomy import summary_line
     from .onnx_export import ExportOptions, file_sha256
     from .parity import OnnxModule, export_with_parity
 
     model = load_checkpoint(ckpt)
-    onnx_path = workdir / "deploy" / "w4a4_int4.onnx"
-    report = export_with_parity(model, onnx_path, test_set.tensors[0], ExportOptions(precision="int4"),
-                                metadata={"checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt)})
-    out = {"onnx": onnx_path, "onnx_metrics": evaluate(OnnxModule(onnx_path), test_set, desc="ONNX Runtime"),
-           "parity": f"top-1 agreement {report.top1_agreement:.2f}% on {report.images} images, codes equal >= "
-                     f"{min(q.match_percent for q in report.quantizers.values()):.3f}%, max "
-                     f"{max(q.max_lsb for q in report.quantizers.values())} LSB, weights identical: {report.weights_identical}",
-           "plan": None}
-    try:
-        from .engine import build_engine
+    out = {}
+    for precision, _ in DEPLOYED:
+        onnx_path = workdir / "deploy" / f"w4a4_{precision}.onnx"
+        report = export_with_parity(model, onnx_path, test_set.tensors[0], ExportOptions(precision=precision),
+                                    metadata={"checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt)})
+        codes = (f", codes equal >= {min(q.match_percent for q in report.quantizers.values()):.3f}%, max "
+                 f"{max(q.max_lsb for q in report.quantizers.values())} LSB" if report.quantizers else "")
+        entry = {"onnx": onnx_path, "onnx_metrics": evaluate(OnnxModule(onnx_path), test_set, desc=f"ORT {precision}"),
+                 "parity": f"top-1 agreement {report.top1_agreement:.2f}% on {report.images} images{codes}, "
+                           f"weights identical: {report.weights_identical}", "plan": None}
+        try:
+            from .engine import build_engine
 
-        built = build_engine(onnx_path, workdir / "deploy" / "w4a4_int4.plan", target="tensorrt-rtx",
-                             compute_capability="sm89")
-        out["plan"] = Path(built["plan"])
-        out["engine"] = (f"{len(built['qdq_layers'])} Q/DQ layers, TensorRT-RTX {built['version']}, SM89, "
-                         f"built in {built['build_seconds']:.1f} s")
-    except QvitError as e:
-        out["engine"] = f"not built: {e}"
+            built = build_engine(onnx_path, onnx_path.with_suffix(".plan"), target="tensorrt-rtx",
+                                 compute_capability="sm89")
+            entry["plan"] = Path(built["plan"])
+            entry["engine"] = (f"TensorRT-RTX {built['version']}, SM89, built in {built['build_seconds']:.1f} s; "
+                               + summary_line(built["anatomy"]))
+        except QvitError as e:
+            entry["engine"] = f"not built: {e}"
+        out[precision] = entry
     return out
 
 
@@ -99,7 +108,8 @@ def main(argv=None) -> int:
         rows.append(("W4A4 Q-ViT (QAT)", "PyTorch", evaluate(load_checkpoint(student_ckpt), test_set, desc="Q-ViT"),
                      student_ckpt))
         deployed = deploy(student_ckpt, workdir, test_set)
-        rows.append(("W4A4 Q-ViT, INT4", "ONNX Runtime", deployed["onnx_metrics"], deployed["onnx"]))
+        for precision, label in DEPLOYED:
+            rows.append((label, "ONNX Runtime", deployed[precision]["onnx_metrics"], deployed[precision]["onnx"]))
     except QvitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -108,10 +118,13 @@ def main(argv=None) -> int:
     print(f"{'model':<18} {'runtime':<13} {'top-1 %':>8} {'vs FP':>7} {'size':>9}  file")
     for label, runtime, m, path in rows:
         print(f"{label:<18} {runtime:<13} {m['top1']:>8.2f} {m['top1'] - fp:>+7.2f} {_size(path):>9}  {path}")
-    plan = deployed["plan"]
-    print(f"{'W4A4 Q-ViT plan':<18} {'TensorRT-RTX':<13} {'':>8} {'':>7} {_size(plan):>9}  {plan or deployed['engine']}")
-    print(f"\nparity ONNX Runtime vs PyTorch: {deployed['parity']}")
-    print(f"engine: {deployed['engine']}")
+    for precision, label in DEPLOYED:
+        plan = deployed[precision]["plan"]
+        print(f"{label + ' plan':<18} {'TensorRT-RTX':<13} {'':>8} {'':>7} {_size(plan):>9}  "
+              f"{plan or deployed[precision]['engine']}")
+    for precision, _ in DEPLOYED:
+        print(f"\n{precision}: parity ONNX Runtime vs PyTorch: {deployed[precision]['parity']}")
+        print(f"{precision}: engine: {deployed[precision]['engine']}")
     print(f"training curves: {workdir / 'fp' / 'curves.png'}, {workdir / 'w4a4' / 'curves.png'}; "
           f"total {time.perf_counter() - start:.0f} s")
     return 0

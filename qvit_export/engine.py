@@ -35,13 +35,18 @@ def import_tensorrt(target: str = "auto"):
 
 def _logger(trt):
     class Collect(trt.ILogger):
+        """Keeps errors, and the builder's ``Layers:`` listing of the engine's kernels (a VERBOSE message)."""
+
         def __init__(self):
             trt.ILogger.__init__(self)
             self.errors: list[str] = []
+            self.listings: list[str] = []
 
         def log(self, severity, msg):
             if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
                 self.errors.append(msg)
+            elif msg.startswith("Layers:"):
+                self.listings.append(msg)
 
     return Collect()
 
@@ -83,6 +88,8 @@ def layer_summary(trt, network) -> dict:
 
 def _inspect(trt, logger, plan: bytes) -> dict:
     """Per-layer engine information; needs a GPU to deserialize the plan."""
+    if not hasattr(trt, "Runtime") or not hasattr(trt, "LayerInformationFormat"):
+        return {"skipped": "this TensorRT library has no engine inspector"}
     try:
         runtime = trt.Runtime(logger)
         engine = runtime.deserialize_cuda_engine(plan)
@@ -92,6 +99,29 @@ def _inspect(trt, logger, plan: bytes) -> dict:
         return json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     except Exception as e:  # noqa: BLE001 - any failure here only means no inspector data
         return {"skipped": f"engine inspector unavailable: {type(e).__name__}"}
+
+
+def engine_anatomy(onnx_model, listing: str | None, inspector: dict) -> dict:
+    """The anatomy of a built engine (anatomy.py) from the builder's listing, else the inspector's JSON."""
+    from . import anatomy
+    from .onnx_graph import quantized_ops
+
+    meta = {p.key: p.value for p in onnx_model.metadata_props}
+    reasons = {}
+    kept = json.loads(meta.get("int8_weight_layers", "{}"))
+    for layer, why in kept.items():
+        reasons[layer] = f"INT8 weights: {why}"
+    reasons |= json.loads(meta.get("float_weight_layers", "{}"))
+    if listing:
+        kernels, source = anatomy.parse_layer_listing(listing), "builder layer listing (ProfilingVerbosity.DETAILED)"
+    elif "Layers" in inspector:
+        kernels, source = anatomy.parse_inspector_json(inspector), "engine inspector (JSON)"
+    else:
+        return {"skipped": "no layer information: the builder printed no listing and "
+                           + inspector.get("skipped", "the engine inspector returned none")}
+    result = anatomy.analyze(kernels, quantized_ops(onnx_model), reasons)
+    result["source"] = source
+    return result
 
 
 def check_build_options(target: str = "auto", compute_capability: str | None = None,
@@ -111,8 +141,12 @@ def check_build_options(target: str = "auto", compute_capability: str | None = N
 
 def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability: str | None = None,
                  batch: tuple[int, int, int] = (1, 8, 32), workspace_mib: int | None = None,
-                 timing_cache=None, report_path=None) -> dict:
-    """Build a TensorRT plan from a QDQ ONNX file; write it and its build report JSON atomically."""
+                 timing_cache=None, report_path=None, allow_float_gemms: bool = False) -> dict:
+    """Build a TensorRT plan from a QDQ ONNX file; write it and its build report JSON atomically.
+
+    The report's ``anatomy`` (anatomy.py) says which kernel computes each quantized layer and in which
+    datatypes; a quantized layer left as a float GEMM fails the build (nothing written) unless
+    ``allow_float_gemms``."""
     trt, library = check_build_options(target, compute_capability, batch)
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     if not onnx_path.is_file():
@@ -123,6 +157,8 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
     weakly_typed = hasattr(trt.BuilderFlag, "INT8")  # TensorRT 10.x; gone in 11.x and TensorRT-RTX
     network, parser = _parse(trt, builder, logger, onnx_path, strongly_typed=not weakly_typed)
     config = builder.create_builder_config()
+    if hasattr(trt, "ProfilingVerbosity"):  # the kernel listing that the anatomy reads
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if weakly_typed:
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)
@@ -150,14 +186,18 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
-    if plan is None:
-        detail = logger.errors[-1] if logger.errors else "no reason given"
-        raise QvitError(f"TensorRT could not build the engine: {detail.splitlines()[0]}")
-    plan = bytes(plan)
-
     import onnx
 
-    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    onnx_model = onnx.load(str(onnx_path), load_external_data=False)
+    meta = {p.key: p.value for p in onnx_model.metadata_props}
+    if plan is None:
+        detail = logger.errors[-1] if logger.errors else "no reason given"
+        hint = ""
+        if meta.get("precision") == "int4" and "Myelin" in detail:
+            hint = ("; INT4 block weights under INT8 activations are outside what this TensorRT compiles: export "
+                    "with --precision int4-weight-only (INT4 weights, float activations) or int8")
+        raise QvitError(f"TensorRT could not build the engine: {detail.splitlines()[0]}{hint}")
+    plan = bytes(plan)
     report = {
         "library": library, "version": trt.__version__, "typing": "weak (INT8+FP16 flags)" if weakly_typed else "strong",
         "target": compute_capability or "this machine's GPU", "onnx": str(onnx_path),
@@ -167,12 +207,23 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
     }
     report["engine_inspector"] = _inspect(trt, logger, plan) if not compute_capability else \
         {"skipped": "built ahead of time for another target: inspect on that GPU"}
+    from .anatomy import find_layer_listing, float_gemm_layers
+
+    report["anatomy"] = engine_anatomy(onnx_model, find_layer_listing(logger.listings), report["engine_inspector"])
     report["timing_cache"] = str(cache_path) if cache_path else ("not used by TensorRT-RTX" if timing_cache else None)
+    report_path = Path(report_path) if report_path else plan_path.with_suffix(".build.json")
+    floats = float_gemm_layers(report["anatomy"]) if "summary" in report["anatomy"] else []
+    if floats and not allow_float_gemms:
+        evidence = report_path.with_name(report_path.name.removesuffix(".json") + ".failed.json")
+        write_text(evidence, json.dumps(report, indent=2, sort_keys=True))
+        names = ", ".join(e["layer"] for e in floats[:3]) + (f" and {len(floats) - 3} more" if len(floats) > 3 else "")
+        raise QvitError(f"TensorRT runs quantized layer(s) {names} as float GEMMs ({floats[0]['kernel']}: inputs "
+                        f"{'/'.join(floats[0]['input_dtypes']) or 'none'}): the QDQ pattern did not fuse; no plan "
+                        f"written, anatomy in {evidence} (pass --allow-float-gemms to keep such an engine)")
     if cache_path is not None:
         with atomic_path(cache_path) as tmp:
             tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     # The plan is written last, so a plan on disk always has its report beside it.
-    report_path = Path(report_path) if report_path else plan_path.with_suffix(".build.json")
     write_text(report_path, json.dumps(report, indent=2, sort_keys=True))
     try:
         write_bytes(plan_path, plan)

@@ -5,7 +5,9 @@ The quantized model is copied into an *export twin* whose layers emit TensorRT's
   narrower than INT8, plain Q→DQ at [-128, 127]; one scale per tensor;
 - weights: integer codes stored as INT8 initializers → DequantizeLinear (one scale per output channel),
   already transposed to MatMul's [K, N] so the DQ feeds the MatMul directly; Conv keeps [Cout, ...] on axis 0;
-  ``precision="int4"`` rewrites the ≤4-bit MatMul weights as INT4 initializers (opset 21);
+  ``precision="int4"`` rewrites the ≤4-bit MatMul weights as INT4 initializers in blocks of 64 or 128 along K
+  (opset 21, TensorRT's documented INT4 form); ``"int4-weight-only"`` does the same and leaves every activation
+  quantizer out (activations in the graph's dtype), which is TensorRT's INT4 path (W4A16);
 - IRM's LayerNorm on q and k, then the folded attention scale, then q's QDQ; k is quantized already
   transposed; v and the softmax output get their own QDQ.
 Every quantizer's scale initializer is named after the quantizer, which ties ONNX nodes to PyTorch modules.
@@ -28,21 +30,41 @@ from .lsq import LSQQuantizer
 
 DEFAULT_OPSET = 17      # LayerNormalization; per-axis QDQ
 FP16_MIN_OPSET = 19     # FP16 scales on QuantizeLinear/DequantizeLinear
-INT4_OPSET = 21         # INT4 initializers
+INT4_OPSET = 21         # INT4 initializers, blocked DequantizeLinear
 TORCHSCRIPT_MAX_OPSET = 20
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+PRECISIONS = ("int8", "int4", "int4-weight-only")
+INT4_BLOCKS = (64, 128)  # TensorRT's documented INT4 block sizes ("Quantized types")
+# 64 covers the most weight bytes of DeiT/Swin: every layer of DeiT-Ti/S/B, all of Swin but stage 1's K=96
+# layers (benchmarks/engine_anatomy.py counts the coverage); 128 leaves DeiT-Ti's K=192 layers in INT8.
+DEFAULT_INT4_BLOCK = 64
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    precision: str = "int8"          # int8 | int4 (weights of MatMul/Gemm layers with ≤ 4 bits)
+    precision: str = "int8"          # int8 | int4 | int4-weight-only (module docstring)
     dtype: str = "fp32"              # fp32 | fp16: the dtype of every non-quantized op
     opset: int | None = None         # None: the lowest opset that the options allow
     dynamic_batch: bool = True
     decompose_layernorm: bool = False  # TensorRT 8.5 (JetPack 5) cannot import LayerNormalization
+    int4_block: int = DEFAULT_INT4_BLOCK  # INT4 block size along K (64 or 128)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise QvitError(f"precision {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
+        if self.int4_block not in INT4_BLOCKS:
+            raise QvitError(f"INT4 block size {self.int4_block} is not one TensorRT documents: use 64 or 128")
+
+    @property
+    def int4(self) -> bool:
+        return self.precision.startswith("int4")
+
+    @property
+    def weight_only(self) -> bool:
+        return self.precision == "int4-weight-only"
 
     def resolved_opset(self) -> int:
-        need = INT4_OPSET if self.precision == "int4" else FP16_MIN_OPSET if self.dtype == "fp16" else DEFAULT_OPSET
+        need = INT4_OPSET if self.int4 else FP16_MIN_OPSET if self.dtype == "fp16" else DEFAULT_OPSET
         opset = self.opset or need
         if opset < need:
             raise QvitError(f"--opset {opset} is too low for {self.precision}/{self.dtype}: use --opset {need} or higher")
@@ -96,17 +118,26 @@ class ActivationQDQ(nn.Module):
         return _ActivationQDQ.apply(x, self.scale, self.clip_min, self.clip_max, self.qmin, self.qmax, self.clip)
 
 
+class PassThrough(nn.Module):
+    """An activation quantizer left out (int4-weight-only). ``enabled`` keeps attention on its explicit path."""
+
+    enabled = True
+
+    def forward(self, x):
+        return x
+
+
 class _ExportWeightLayer(nn.Module):
     """The input QDQ, INT8 weight codes, per-channel scales and zero points that Linear and Conv share.
     ``axis`` is the output-channel axis of the stored weight (1 for MatMul's [in, out], 0 for Conv)."""
 
     axis = 0
 
-    def __init__(self, layer: QuantLinear | QuantConv2d, dtype: torch.dtype):
+    def __init__(self, layer: QuantLinear | QuantConv2d, dtype: torch.dtype, activations: bool = True):
         super().__init__()
         wq = layer.weight_quantizer
         codes = wq.int_codes(layer.weight).to(torch.int8)
-        self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype)
+        self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype) if activations else PassThrough()
         self.register_buffer("weight_codes", codes.t().contiguous() if self.axis == 1 else codes)
         self.register_buffer("weight_scale", wq.scale().reshape(-1).to(dtype))
         self.register_buffer("weight_zero", torch.zeros(codes.shape[0], dtype=torch.int8))
@@ -117,24 +148,44 @@ class _ExportWeightLayer(nn.Module):
 
 
 class ExportLinear(_ExportWeightLayer):
-    """x → QDQ → MatMul with DQ(INT8 weight [in, out], axis 1) → Add bias."""
+    """x → QDQ → MatMul with DQ(INT8 weight [in, out], axis 1) → Add bias.
+
+    ``flatten``: the MatMul runs on a 2-D [tokens, K] input. TensorRT-RTX 1.7 cannot compile INT8 activations
+    × blocked INT4 weights on a 3-D input (Myelin ``CHECK(is_constant()) failed``; measured on one 384×384
+    MatMul: 2-D builds, 3-D fails, blocks of 64 and 128 alike), so int4 layers under INT8 activations are flattened
+    before their Q and reshaped back after the MatMul; the DQ still feeds the MatMul directly.
+    """
 
     axis = 1
+    flatten = False
 
     def forward(self, x):
-        y = torch.matmul(self.input_quantizer(x), self.dequantized_weight())
+        if self.flatten:
+            y = torch.matmul(self.input_quantizer(x.reshape(-1, x.shape[-1])), self.dequantized_weight())
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+        else:
+            y = torch.matmul(self.input_quantizer(x), self.dequantized_weight())
         return y if self.bias is None else y + self.bias
 
 
 class ExportConv2d(_ExportWeightLayer):
-    """x → QDQ → Conv with DQ(INT8 weight [Cout, Cin, kh, kw], axis 0)."""
+    """x → QDQ → Conv with DQ(INT8 weight [Cout, Cin, kh, kw], axis 0).
 
-    def __init__(self, layer: QuantConv2d, dtype: torch.dtype):
-        super().__init__(layer, dtype)
+    In a weight-only graph (no input QDQ) the weight is stored dequantized (``weight_float``: the same values):
+    TensorRT has no weight-only convolution, and TensorRT-RTX 1.7 turned a DQ weight under a float input into a
+    dequantization kernel that runs on every inference (measured on the demo ViT's patch embedding)."""
+
+    def __init__(self, layer: QuantConv2d, dtype: torch.dtype, activations: bool = True):
+        super().__init__(layer, dtype, activations)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
+        self.store_float = not activations
+        if self.store_float:
+            shape = (-1,) + (1,) * (self.weight_codes.dim() - 1)
+            self.register_buffer("weight_float", self.weight_codes.to(dtype) * self.weight_scale.reshape(shape))
 
     def forward(self, x):
-        return nn.functional.conv2d(self.input_quantizer(x), self.dequantized_weight(), self.bias, self.stride,
+        weight = self.weight_float if self.store_float else self.dequantized_weight()
+        return nn.functional.conv2d(self.input_quantizer(x), weight, self.bias, self.stride,
                                     self.padding, self.dilation, self.groups)
 
 
@@ -156,11 +207,33 @@ class DecomposedLayerNorm(nn.Module):
 
 # ---- the export twin -----------------------------------------------------------------------------
 
+def int4_layers(model: nn.Module, block: int = DEFAULT_INT4_BLOCK) -> tuple[list[str], dict[str, str]]:
+    """(Linear layers whose weights go to INT4 in blocks of ``block``, {Linear layer kept at INT8: why})."""
+    cfg = getattr(model, "qvit_config", None)
+    chosen, kept = [], {}
+    for name, mod in model.named_modules():
+        if not isinstance(mod, QuantLinear):
+            continue
+        k, n = mod.in_features, mod.out_features
+        if mod.weight_quantizer.bits > 4:
+            kept[name] = f"{mod.weight_quantizer.bits}-bit weights" + (" (edge layer)" if cfg and cfg.is_edge(name) else "")
+        elif k % block:
+            kept[name] = f"K={k} is no multiple of the INT4 block {block}"
+        elif k == block:  # measured, TensorRT-RTX 1.7 weight-only: K=64/block 64 and K=128/block 128 unfused
+            kept[name] = (f"K={k} is a single INT4 block: TensorRT-RTX dequantizes a one-block weight in a separate "
+                          "kernel on every inference instead of inside the GEMM")
+        elif n % 2:
+            kept[name] = f"{n} output channels: INT4 needs an even count"
+        else:
+            chosen.append(name)
+    return chosen, kept
+
+
 def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
     """The default scheme is deployable by construction; refuse anything else with the layer's name."""
     cfg = getattr(model, "qvit_config", None)
     for name, mod in model.named_modules():
-        if options.precision == "int4" and isinstance(mod, QuantLinear) and mod.weight_quantizer.bits > 4 \
+        if options.int4 and isinstance(mod, QuantLinear) and mod.weight_quantizer.bits > 4 \
                 and not (cfg is not None and cfg.is_edge(name)):
             raise QvitError(f"layer '{name}' has {mod.weight_quantizer.bits}-bit weights, which INT4 cannot hold: "
                             "export with --precision int8, or retrain with w_bits <= 4")
@@ -169,7 +242,7 @@ def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
                 raise QvitError(f"quantizer '{name}' is uncalibrated: calibrate or train the model before export")
             if not mod.enabled:
                 raise QvitError(f"quantizer '{name}' is switched off: enable every quantizer before export")
-            if mod.per_channel and not name.endswith("weight_quantizer"):
+            if mod.per_channel and not name.endswith("weight_quantizer") and not options.weight_only:
                 raise QvitError(f"'{name}' quantizes an activation per channel, which TensorRT cannot run: retrain "
                                 "with per-tensor activation quantizers (the default QuantConfig)")
 
@@ -178,6 +251,8 @@ def export_twin(model: nn.Module, options: ExportOptions) -> nn.Module:
     """A copy of the quantized model whose layers emit the QDQ graph; same maths, ONNX-friendly form."""
     _check_deployable(model, options)
     dtype = torch.float16 if options.dtype == "fp16" else torch.float32
+    activations = not options.weight_only
+    flattened = set(int4_layers(model, options.int4_block)[0]) if options.precision == "int4" else set()
     twin = copy.deepcopy(model).eval()
     for name, mod in list(twin.named_modules()):
         if not name:
@@ -185,11 +260,12 @@ def export_twin(model: nn.Module, options: ExportOptions) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = twin.get_submodule(parent_name) if parent_name else twin
         if isinstance(mod, QuantLinear):
-            setattr(parent, child, ExportLinear(mod, dtype))
+            setattr(parent, child, ExportLinear(mod, dtype, activations))
+            parent.get_submodule(child).flatten = name in flattened
         elif isinstance(mod, QuantConv2d):
-            setattr(parent, child, ExportConv2d(mod, dtype))
+            setattr(parent, child, ExportConv2d(mod, dtype, activations))
         elif isinstance(mod, LSQQuantizer) and not isinstance(parent, (ExportLinear, ExportConv2d)):
-            setattr(parent, child, ActivationQDQ(mod, dtype))
+            setattr(parent, child, ActivationQDQ(mod, dtype) if activations else PassThrough())
         elif isinstance(mod, nn.LayerNorm):
             setattr(parent, child, DecomposedLayerNorm(mod) if options.decompose_layernorm else _plain_layernorm(mod))
     return twin.to(dtype)

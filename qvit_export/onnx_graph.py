@@ -1,7 +1,9 @@
 """Surgery and inspection on the exported ONNX graph (onnx protos only; no torch).
 
-- names every Clip/QuantizeLinear/DequantizeLinear after the quantizer whose scale it reads (prepare);
-- rewrites ≤4-bit MatMul weights as INT4 block-quantized initializers (one block spans K: our per-channel step);
+- names every Clip/QuantizeLinear/DequantizeLinear after the quantizer whose scale it reads, and every MatMul/Conv
+  that a quantized layer computes after that layer (prepare), so TensorRT's kernels can be traced back to it;
+- rewrites ≤4-bit MatMul weights as INT4 initializers in blocks of 64 or 128 along K (our per-channel step
+  repeated per block, so the values are unchanged);
 - records metadata, and saves atomically;
 - counts QDQ nodes and checks the TensorRT rules (zero points all zero, constant positive scales).
 """
@@ -60,8 +62,71 @@ def weight_initializers(model) -> dict[str, np.ndarray]:
             if node.op_type == "DequantizeLinear" and node.input[0] in inits and _owner(node)}
 
 
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
+# The two attention matmuls, named after the quantizer whose DQ reaches them (q·kᵀ: q's; attn·v: the softmax's).
+ATTENTION_MATMULS = {"q_quantizer": "scores", "attn_quantizer": "context"}
+
+
+def _users(model) -> dict[str, list]:
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _name_compute_nodes(model) -> None:
+    """'<layer>/MatMul' (or /Conv, /Gemm) for the op a weight DQ feeds; '<attn>/scores' for q·kᵀ and
+    '<attn>/context' for attn·v. Names we set, so nothing downstream depends on an exporter's naming habits."""
+    users = _users(model)
+    for node in model.graph.node:  # weights a weight-only graph stores dequantized ('<layer>.weight_float')
+        if node.op_type in COMPUTE_OPS and len(node.input) > 1 and node.input[1].endswith(".weight_float"):
+            node.name = f"{node.input[1][: -len('.weight_float')]}/{node.op_type}"
+    for node in list(model.graph.node):
+        owner = _owner(node) if node.op_type == "DequantizeLinear" else None
+        if owner is None:
+            continue
+        base, _, role = owner.rpartition(".")
+        compute = [u for u in users.get(node.output[0], []) if u.op_type in COMPUTE_OPS]
+        if len(compute) != 1:
+            continue
+        if role == "weight_quantizer":
+            compute[0].name = f"{base}/{compute[0].op_type}"
+        elif role in ATTENTION_MATMULS:
+            compute[0].name = f"{base}/{ATTENTION_MATMULS[role]}"
+
+
+def quantized_ops(model) -> list[dict]:
+    """Every quantized computation in the graph, in graph order: {'layer', 'node', 'op', 'weight_dq',
+    'input_dq', 'weight_dtype'}. 'layer' is the PyTorch module ('blocks.0.mlp.fc1') or, for attention,
+    '<attn>.scores' / '<attn>.context'; 'input_dq' lists the activation DequantizeLinear nodes feeding it."""
+    from onnx import TensorProto
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    ops = []
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS or "/" not in node.name:
+            continue
+        layer, _, kind = node.name.rpartition("/")
+        if layer.startswith("/") or kind not in (node.op_type, *ATTENTION_MATMULS.values()):
+            continue  # an exporter's name ('/blocks/blocks.0/attn/MatMul'), not one of ours
+        dqs = [producers[i] for i in node.input if i in producers and producers[i].op_type == "DequantizeLinear"]
+        weight = [d for d in dqs if d.input[0] in inits]
+        if not dqs and not (len(node.input) > 1 and node.input[1] in inits):
+            continue
+        stored = inits[weight[0].input[0]] if weight else inits.get(node.input[1])
+        entry = {"layer": layer if kind == node.op_type else f"{layer}.{kind}", "node": node.name, "op": node.op_type,
+                 "weight_dq": weight[0].name if weight else None,
+                 "input_dq": [d.name for d in dqs if d.input[0] not in inits],
+                 "weight_dtype": TensorProto.DataType.Name(stored.data_type).lower() if stored is not None else None}
+        ops.append(entry)
+    return ops
+
+
 def prepare(model) -> None:
-    """Right after torch.onnx: undo shared constants, then name every QDQ node after its quantizer.
+    """Right after torch.onnx: undo shared constants, then name every QDQ node after its quantizer and every
+    quantized MatMul/Conv after its layer.
 
     The TorchScript exporter shares equal initializers through Identity nodes, and onnxsim merges them, so an
     initializer's name cannot identify its quantizer for long; node names can, and onnxsim keeps them.
@@ -87,6 +152,7 @@ def prepare(model) -> None:
     missing = [n.name for n in model.graph.node if n.op_type in QDQ_OPS and _owner(n) is None]
     if missing:
         raise QvitError(f"QDQ node '{missing[0]}' reads a scale no quantizer owns: export the model again")
+    _name_compute_nodes(model)
 
 
 def _prune_initializers(model) -> None:
@@ -96,41 +162,40 @@ def _prune_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
-def _to_int4(model, weight_bits: dict[str, int]) -> None:
-    """INT8 weight codes of MatMul layers → INT4 initializers with block quantization (block = all of K)."""
+def _to_int4(model, layers: list[str], block: int) -> None:
+    """INT8 weight codes of the MatMul ``layers`` → INT4 initializers, block quantized along K (axis 0 of the
+    stored [K, N] weight) with ``block`` rows per scale. Each block repeats the channel's step, so every
+    dequantized value is the one PyTorch computes."""
     import onnx
     from onnx import helper, numpy_helper
 
+    wanted = {f"{layer}.weight_quantizer" for layer in layers}
     inits = {i.name: i for i in model.graph.initializer}
-    users = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    users = _users(model)
+    done = set()
     for node in model.graph.node:
         owner = _owner(node) if node.op_type == "DequantizeLinear" else None
-        if owner is None or not owner.endswith(".weight_quantizer") or node.input[0] not in inits:
+        if owner not in wanted or node.input[0] not in inits:
             continue
         if [u.op_type for u in users.get(node.output[0], [])] != ["MatMul"]:
-            continue  # Conv (patch embedding) stays INT8: TensorRT has no INT4 convolution
+            continue
         layer = owner[: -len(".weight_quantizer")]
-        if weight_bits[layer] > 4:
-            continue  # an 8-bit first/last layer stays INT8 (export_twin refused any other)
         codes = numpy_helper.to_array(inits[node.input[0]])
         k, n = codes.shape
-        if n % 2:
-            raise QvitError(f"layer '{layer}' has {n} output channels; TensorRT's INT4 weights need an even count: "
-                            "export with --precision int8")
-        scale = numpy_helper.to_array(inits[node.input[1]]).reshape(1, n)
+        scale = np.repeat(numpy_helper.to_array(inits[node.input[1]]).reshape(1, n), k // block, axis=0)
         # Fresh initializers: the INT8 ones may be shared with other nodes after onnxsim (pruned below if not).
         for index, suffix, tensor in (
                 (0, "codes", helper.make_tensor("", onnx.TensorProto.INT4, [k, n], codes.flatten().tolist())),
-                (1, "scale", numpy_helper.from_array(scale)),
-                (2, "zero", helper.make_tensor("", onnx.TensorProto.INT4, [1, n], [0] * n))):
+                (1, "scale", numpy_helper.from_array(np.ascontiguousarray(scale))),
+                (2, "zero", helper.make_tensor("", onnx.TensorProto.INT4, [k // block, n], [0] * (k // block * n)))):
             tensor.name = f"{layer}.weight_{suffix}_int4"
             model.graph.initializer.append(tensor)
             node.input[index] = tensor.name
         del node.attribute[:]
-        node.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", k)])
+        node.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", block)])
+        done.add(owner)
+    if done != wanted:
+        raise QvitError(f"no INT4-ready MatMul weight for {sorted(wanted - done)[:3]}: export with --precision int8")
     _prune_initializers(model)
 
 
@@ -157,10 +222,19 @@ def finalize(model, torch_model, options, opset: int, metadata: dict):
 
     from . import __version__
 
+    from .onnx_export import int4_layers
+
     cfg = getattr(torch_model, "qvit_config", None)
-    if options.precision == "int4":
-        _to_int4(model, {name[: -len(".weight_quantizer")]: q.bits for name, q in torch_model.named_modules()
-                         if name.endswith(".weight_quantizer")})
+    int4_meta = {}
+    if options.int4:
+        layers, kept = int4_layers(torch_model, options.int4_block)
+        _to_int4(model, layers, options.int4_block)
+        int4_meta = {"int4_block": str(options.int4_block), "int8_weight_layers": json.dumps(kept, sort_keys=True)}
+    if options.weight_only:
+        convs = {name: "weight-only: TensorRT has no weight-only convolution, so its 8-bit weights are stored "
+                       "dequantized (same values)" for name, mod in torch_model.named_modules()
+                 if hasattr(mod, "weight_quantizer") and getattr(mod, "weight", None) is not None and mod.weight.dim() == 4}
+        int4_meta["float_weight_layers"] = json.dumps(convs, sort_keys=True)
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset
@@ -169,7 +243,7 @@ def finalize(model, torch_model, options, opset: int, metadata: dict):
     for node in model.graph.node:
         node.doc_string = ""
     props = {"qvit_export_version": __version__, "precision": options.precision, "dtype": options.dtype,
-             "opset": str(opset), "quant_config": json.dumps(cfg.to_dict() if cfg else None, sort_keys=True)}
+             "opset": str(opset), "quant_config": json.dumps(cfg.to_dict() if cfg else None, sort_keys=True)} | int4_meta
     props |= {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     del model.metadata_props[:]
     for key in sorted(props):

@@ -74,10 +74,12 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 @contextlib.contextmanager
-def quantizers_disabled(model: nn.Module):
-    """Run the model in float (an FP teacher, or calibration statistics), then restore each quantizer."""
-    saved = [(q, q.enabled) for _, q in quantizers(model)]
-    set_quantizers_enabled(model, False)
+def quantizers_disabled(model: nn.Module, weights: bool = True):
+    """Run the model in float (an FP teacher, or calibration statistics), then restore each quantizer.
+    ``weights=False`` switches off only the activation quantizers: the PyTorch twin of a weight-only export."""
+    saved = [(q, q.enabled) for name, q in quantizers(model) if weights or not name.endswith("weight_quantizer")]
+    for q, _ in saved:
+        q.enabled = False
     try:
         yield model
     finally:

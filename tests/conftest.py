@@ -36,6 +36,21 @@ def fmnist_teacher():
     return fashion_teacher(CACHE)
 
 
+@pytest.fixture(scope="session")
+def fmnist_exports(fmnist_teacher, fmnist_calibration, tmp_path_factory):
+    """{bits: (PTQ model of the demo teacher at WbAb, its int8 ONNX)} for 8, 4, 3 and 2 bits."""
+    from qvit_export import QuantConfig
+    from qvit_export.demo import ptq
+    from qvit_export.onnx_export import export_onnx
+
+    folder = tmp_path_factory.mktemp("fmnist_exports")
+    out = {}
+    for bits in (8, 4, 3, 2):
+        qm = ptq(fmnist_teacher, QuantConfig(w_bits=bits, a_bits=bits, irm=bits < 8), fmnist_calibration)
+        out[bits] = qm, export_onnx(qm, folder / f"w{bits}.onnx")
+    return out
+
+
 @pytest.fixture
 def small_vit():
     """The demo architecture, random init: quick enough for gradient and checkpoint tests."""

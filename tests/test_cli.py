@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qvit_export import QuantConfig, save_checkpoint
-from qvit_export.demo import ptq
+from qvit_export.demo import DEMO_KWARGS, ptq
 
 
 def run(tool, *args, timeout=600):
@@ -40,6 +40,24 @@ def test_export_with_engine_end_to_end(w4a4_ckpt, tmp_path):
     assert parity["images"] == 2000 and parity["weights_identical"]
     build = json.loads((plan.parent / "w4a4.build.json").read_text())
     assert build["batch"] == {"min": 1, "opt": 8, "max": 32} and build["qdq_layers"]
+    summary = build["anatomy"]["summary"]
+    assert set(summary) == {"kernels", "quantized_layers", "int8_gemms", "int4_weight_gemms", "float_gemms",
+                            "weight_casts", "unmatched"}
+    assert f"{summary['quantized_layers']} quantized layers -> {summary['int8_gemms']} int8 GEMMs" in r.stdout
+    assert summary["weight_casts"] == 4 * DEMO_KWARGS["depth"] and summary["float_gemms"] == summary["unmatched"] == 0
+    assert f"INT4 weights (block 64): {4 * DEMO_KWARGS['depth']} layers; INT8 weights: 1 layers\n  head: 8-bit weights (edge layer)" in r.stdout
+
+
+def test_export_int4_weight_only_and_eval(w4a4_ckpt, tmp_path, figures):
+    plan = tmp_path / "wo.plan"
+    r = run("qvit_export", "--ckpt", w4a4_ckpt, "--engine", plan, "--precision", "int4-weight-only", "--dtype", "fp16",
+            "--target", "tensorrt-rtx", "--compute-capability", "sm89", "--parity-images", 1000)
+    assert r.returncode == 0, r.stderr[-2000:]
+    anatomy = next(line for line in r.stdout.splitlines() if line.startswith("anatomy:"))
+    figures(f"qvit-export --precision int4-weight-only --dtype fp16: {anatomy}")
+    assert f"{4 * DEMO_KWARGS['depth']} int4-weight GEMMs" in anatomy and "0 per-inference weight casts" in anatomy
+    e = run("qvit_eval", "--onnx", tmp_path / "wo.onnx", "--limit", 1000)
+    assert e.returncode == 0 and "top-1" in e.stdout, e.stderr[-2000:]
 
 
 def test_eval_onnx_matches_checkpoint(w4a4_ckpt, tmp_path, figures):

@@ -3,7 +3,10 @@ import pytest
 import torch
 
 from qvit_export import QuantConfig, calibrate, quantize, quantizers_disabled
+from qvit_export.demo import DEMO_KWARGS
 from qvit_export.distill import QKTap, dgd_loss, similarity, tapped
+
+DEPTH, HEADS = DEMO_KWARGS["depth"], DEMO_KWARGS["num_heads"]
 
 
 @pytest.fixture
@@ -26,7 +29,7 @@ def test_dgd_is_zero_for_identical_models(teacher_and_student, fmnist_calibratio
     x = fmnist_calibration[0][:16]
     with tapped(teacher, teacher) as (a, b):
         _teacher_forward(teacher, x)
-        assert len(a.q) == 4  # one (q, k) per block: the same hooks fired for both taps
+        assert len(a.q) == DEPTH  # one (q, k) per block: the same hooks fired for both taps
         assert float(dgd_loss(a, b)) == 0.0
 
 
@@ -37,14 +40,14 @@ def test_dgd_is_positive_and_trains_only_the_student(teacher_and_student, fmnist
     with tapped(student, teacher) as (ts, tt):
         student(x)
         _teacher_forward(teacher, x)
-        assert [q.shape for q in ts.q] == [q.shape for q in tt.q] == [torch.Size([16, 3, 50, 32])] * 4
+        assert [q.shape for q in ts.q] == [q.shape for q in tt.q] == [torch.Size([16, HEADS, 50, 32])] * DEPTH
         loss = dgd_loss(ts, tt)
     assert loss.item() > 0
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     reached = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert "blocks.0.attn.q_norm.weight" in reached and "blocks.3.attn.qkv.weight" in reached
-    assert "blocks.3.attn.k_quantizer.step" in reached
+    assert "blocks.0.attn.q_norm.weight" in reached and f"blocks.{DEPTH - 1}.attn.qkv.weight" in reached
+    assert f"blocks.{DEPTH - 1}.attn.k_quantizer.step" in reached
     assert "head.weight" not in reached  # DGD acts on attention only
 
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from qvit_export import QuantConfig, QvitError, calibrate, create_model, quantize, quantizers
-from qvit_export.demo import ptq
 from qvit_export.lsq import LSQQuantizer
+from qvit_export.demo import DEMO_KWARGS
 from qvit_export.onnx_export import ExportOptions, export_onnx
 from qvit_export.onnx_graph import qdq_counts
 from qvit_export.parity import compare
 
+DEPTH = DEMO_KWARGS["depth"]
 BITS = [8, 4, 3, 2]
 PHOTO_MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
 
@@ -37,7 +38,9 @@ def _stored_weights_equal_forward(graph, model):
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
             layer = model.get_submodule(node.name.split("/")[0].rsplit(".", 1)[0])
             codes, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
-            stored = torch.from_numpy(codes * (scale.reshape(1, -1) if codes.ndim == 2 else scale.reshape(-1, 1, 1, 1)))
+            if codes.ndim == 2:  # [K, N]: one scale per channel, or per (block of K, channel) for INT4
+                scale = np.repeat(scale.reshape(-1, codes.shape[1]), codes.shape[0] // scale.reshape(-1, codes.shape[1]).shape[0], 0)
+            stored = torch.from_numpy(codes * (scale if codes.ndim == 2 else scale.reshape(-1, 1, 1, 1)))
             with torch.no_grad():
                 expected = layer.weight_quantizer(layer.weight)
             assert torch.equal(stored.T if codes.ndim == 2 else stored, expected), node.name
@@ -116,16 +119,6 @@ def test_onnxsim_keeps_every_qdq_node(photo_exports, tmp_path):
     assert len(simple.graph.node) < len(plain.graph.node)  # onnxsim did simplify
 
 
-@pytest.fixture(scope="module")
-def fmnist_exports(fmnist_teacher, fmnist_calibration, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fmnist_exports")
-    out = {}
-    for bits in BITS:
-        qm = ptq(fmnist_teacher, QuantConfig(w_bits=bits, a_bits=bits, irm=bits < 8), fmnist_calibration)
-        out[bits] = qm, export_onnx(qm, folder / f"w{bits}.onnx")
-    return out
-
-
 @pytest.mark.parametrize("bits", BITS)
 def test_fashion_mnist_parity_on_10000_images(bits, fmnist_exports, fmnist_test, figures):
     qm, path = fmnist_exports[bits]
@@ -136,19 +129,67 @@ def test_fashion_mnist_parity_on_10000_images(bits, fmnist_exports, fmnist_test,
     assert report.failures() == []
 
 
-def test_int4_weights_are_block_quantized_int4(fmnist_exports, fmnist_test):
+def _int4_dq(graph):
+    inits = {i.name: i for i in graph.graph.initializer}
+    return [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].data_type == onnx.TensorProto.INT4]
+
+
+def test_int4_weights_are_block_quantized_int4(fmnist_exports, fmnist_test, figures):
+    """Blocks of 64 along K (TensorRT's documented form), the per-channel step repeated in every block: the stored
+    values and the parity on all 10,000 test images are those of the INT8 export."""
+    from onnx import numpy_helper
+
     qm, _ = fmnist_exports[4]
     path = export_onnx(qm, fmnist_exports[4][1].with_name("w4_int4.onnx"), ExportOptions(precision="int4"))
     graph = onnx.load(str(path))
-    inits = {i.name: i for i in graph.graph.initializer}
-    dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
-    int4 = [n for n in dq if inits[n.input[0]].data_type == onnx.TensorProto.INT4]
-    assert len(int4) == 4 * 4  # qkv, proj, fc1, fc2 per block; patch embedding (Conv) and head stay INT8
-    assert all({a.name: a.i for a in n.attribute}["block_size"] == inits[n.input[0]].dims[0] for n in int4)
+    int4 = _int4_dq(graph)
+    assert len(int4) == 4 * DEPTH  # qkv, proj, fc1, fc2 per block; patch embedding (Conv) and head stay INT8
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    for n in int4:
+        attrs = {a.name: a.i for a in n.attribute}
+        k = inits[n.input[0]].shape[0]
+        assert attrs["block_size"] == 64 and attrs["axis"] == 0 and inits[n.input[1]].shape[0] == k // 64
+        assert (inits[n.input[1]] == inits[n.input[1]][:1]).all()  # one step per channel, repeated per block
     assert graph.opset_import[0].version == 21
     _stored_weights_equal_forward(graph, qm)
-    report = compare(qm, path, fmnist_test.tensors[0][:2000], progress=False)
-    assert report.weights_identical and report.failures() == []
+    report = compare(qm, path, fmnist_test.tensors[0], progress=False)
+    figures(f"int4 (block 64) demo ViT: {report.table(rows=1)}")
+    assert report.images == 10_000 and report.weights_identical and report.failures() == []
+
+
+def test_int4_block_128_keeps_narrow_layers_int8(fmnist_exports):
+    from qvit_export.onnx_export import int4_layers
+
+    qm, path = fmnist_exports[4]
+    graph = onnx.load(str(export_onnx(qm, path.with_name("w4_b128.onnx"), ExportOptions(precision="int4", int4_block=128))))
+    assert [n.name.split("/")[0] for n in _int4_dq(graph)] == [f"blocks.{i}.mlp.fc2.weight_quantizer" for i in range(DEPTH)]
+    meta = {p.key: json.loads(p.value) if p.key == "int8_weight_layers" else p.value for p in graph.metadata_props}
+    assert meta["int4_block"] == "128" and meta["int8_weight_layers"] == int4_layers(qm, 128)[1]
+    assert meta["int8_weight_layers"]["blocks.0.attn.qkv"].startswith("K=128 is a single INT4 block")
+    with pytest.raises(QvitError, match="block size 96 is not one TensorRT documents"):
+        ExportOptions(precision="int4", int4_block=96)
+
+
+def test_int4_weight_only_parity_against_activation_quantizers_off(fmnist_exports, fmnist_test, figures):
+    from qvit_export.parity import OnnxModule
+    from qvit_export.quantize import quantizers_disabled
+    from qvit_export.train import evaluate
+
+    qm, path = fmnist_exports[4]
+    wo = export_onnx(qm, path.with_name("w4_wo.onnx"), ExportOptions(precision="int4-weight-only"))
+    graph = onnx.load(str(wo))
+    assert qdq_counts(graph) == {"DequantizeLinear": 4 * DEPTH + 1}  # INT4 blocks + the 8-bit head; the Conv stores floats
+    assert len(_int4_dq(graph)) == 4 * DEPTH
+    report = compare(qm, wo, fmnist_test.tensors[0], progress=False)
+    figures(f"int4-weight-only demo ViT: {report.table(rows=0)}")
+    assert report.images == 10_000 and report.weights_identical and report.failures() == []
+    assert all(q.enabled for _, q in quantizers(qm))  # compare() switched them back on
+    top1_onnx = evaluate(OnnxModule(wo), fmnist_test, progress=False)["top1"]
+    with quantizers_disabled(qm, weights=False):
+        top1_torch = evaluate(qm, fmnist_test, progress=False)["top1"]
+    figures(f"int4-weight-only top-1: ONNX Runtime {top1_onnx:.2f}%, PyTorch (activation quantizers off) {top1_torch:.2f}%")
+    assert abs(top1_onnx - top1_torch) <= 0.1
 
 
 def test_fp16_graph(fmnist_exports, fmnist_test, figures):
