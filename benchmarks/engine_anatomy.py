@@ -33,6 +33,7 @@ from qvit_export.data import fashion_mnist, photo_batch  # noqa: E402
 from qvit_export.demo import DEMO_KWARGS, DEMO_MODEL  # noqa: E402
 from qvit_export.engine import build_engine  # noqa: E402
 from qvit_export.onnx_export import INT4_BLOCKS, ExportOptions, export_onnx, int4_layers  # noqa: E402
+from qvit_export.onnx_export import _input_shape as input_shape  # noqa: E402
 
 from export_bench import export_fp  # noqa: E402  (benchmarks/ is the script's own folder)
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
             onnx_path = tmp / f"{name}_{precision}.onnx"
             start = time.perf_counter()
             if precision == "fp16":
-                export_fp(fp, onnx_path, torch.float16)
+                export_fp(fp, onnx_path, torch.float16, input_shape(fp))
             else:
                 export_onnx(qm, onnx_path, ExportOptions(precision=precision, dtype="fp16"))
             row = build_row(onnx_path, tmp / f"{name}_{precision}.plan") | {
@@ -149,8 +150,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = (("int8_gemms", "int8 GEMM"), ("int4_weight_gemms", "int4-weight GEMM"), ("float_gemms", "float GEMM"),
-             ("weight_casts", "weight cast"))
+    kinds = (("int8_gemms", "int8 GEMM"), ("int4_weight_gemms", "int4-weight GEMM"),
+             ("int8_weight_gemms", "int8-weight GEMM"), ("float_gemms", "float GEMM"), ("weight_casts", "weight cast"))
     names = list(results["models"])
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.6), sharey=False)
     for ax, name in zip(axes if len(names) > 1 else [axes], names, strict=True):
@@ -158,12 +159,15 @@ def plot(results: dict, path: Path) -> None:
         labels = list(rows)
         bottom = [0] * len(labels)
         for key, label in kinds:
-            values = [rows[p]["summary"][key] if "summary" in rows[p] else 0 for p in labels]
+            values = [(rows[p]["summary"].get(key) if key in rows[p]["summary"] else rows[p].get(key, 0))
+                      if "summary" in rows[p] else 0 for p in labels]
             ax.bar(labels, values, bottom=bottom, label=label)
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         for i, p in enumerate(labels):
             if "error" in rows[p]:
                 ax.text(i, 0.5, "build\nfailed", ha="center", fontsize=8)
+            elif rows[p]["summary"]["quantized_layers"] == 0:
+                ax.text(i, 0.5, "float\nmodel", ha="center", fontsize=7)
         ax.set_title(name.split("_patch")[0], fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     axes[0].set_ylabel("kernels per inference") if len(names) > 1 else axes.set_ylabel("kernels per inference")

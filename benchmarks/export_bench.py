@@ -32,12 +32,12 @@ from qvit_export.onnx_export import ExportOptions, export_onnx  # noqa: E402
 from qvit_export.parity import ort_session  # noqa: E402
 
 
-def export_fp(model, path: Path, dtype=torch.float32) -> Path:
+def export_fp(model, path: Path, dtype=torch.float32, shape=(3, 224, 224)) -> Path:
     """The float model as timm gives it, through the same TorchScript exporter (opset 17)."""
     model = model.to(dtype).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, 3, 224, 224, dtype=dtype),), str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(model, (torch.zeros(2, *shape, dtype=dtype),), str(path), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     model.float()

@@ -62,8 +62,11 @@ class Kernel:
 
     @property
     def computes(self) -> bool:
+        """A GEMM or convolution: by its LayerType, or a Myelin kernel whose fused op list holds ``Fc``
+        (``__myl_FcAdd_myl0_5``: a fully connected layer and its bias add)."""
         kind = self.layer_type.lower()
-        return any(w in kind for w in _COMPUTE_WORDS) or self.name.split("_myl")[0].endswith("Fc")
+        fused_ops = re.findall(r"[A-Z][a-z]*", self.name.removeprefix("__myl_").split("_myl")[0])
+        return any(w in kind for w in _COMPUTE_WORDS) or "Fc" in fused_ops
 
     @property
     def shape_only(self) -> bool:

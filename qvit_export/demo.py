@@ -115,12 +115,12 @@ def main(argv=None) -> int:
         return 2
     fp = rows[0][2]["top1"]
     print(f"\nFashion-MNIST test set ({rows[0][2]['images']} images), demo ViT {DEMO_KWARGS}")
-    print(f"{'model':<18} {'runtime':<13} {'top-1 %':>8} {'vs FP':>7} {'size':>9}  file")
+    print(f"{'model':<24} {'runtime':<13} {'top-1 %':>8} {'vs FP':>7} {'size':>9}  file")
     for label, runtime, m, path in rows:
-        print(f"{label:<18} {runtime:<13} {m['top1']:>8.2f} {m['top1'] - fp:>+7.2f} {_size(path):>9}  {path}")
+        print(f"{label:<24} {runtime:<13} {m['top1']:>8.2f} {m['top1'] - fp:>+7.2f} {_size(path):>9}  {path}")
     for precision, label in DEPLOYED:
         plan = deployed[precision]["plan"]
-        print(f"{label + ' plan':<18} {'TensorRT-RTX':<13} {'':>8} {'':>7} {_size(plan):>9}  "
+        print(f"{label + ' plan':<24} {'TensorRT-RTX':<13} {'':>8} {'':>7} {_size(plan):>9}  "
               f"{plan or deployed[precision]['engine']}")
     for precision, _ in DEPLOYED:
         print(f"\n{precision}: parity ONNX Runtime vs PyTorch: {deployed[precision]['parity']}")

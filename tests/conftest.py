@@ -37,16 +37,37 @@ def fmnist_teacher():
 
 
 @pytest.fixture(scope="session")
+def photo_exports(photos_224, tmp_path_factory):
+    """{(model, bits): (quantized model, ONNX path, parity report)} for DeiT-tiny and Swin-tiny at W8A8..W2A2,
+    random init, calibrated on the photographs."""
+    from qvit_export import QuantConfig, calibrate, quantize
+    from qvit_export.onnx_export import export_onnx
+    from qvit_export.parity import compare
+
+    out = {}
+    folder = tmp_path_factory.mktemp("photo_exports")
+    for name in ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"):
+        torch.manual_seed(0)
+        fp = create_model(name)
+        for bits in (8, 4, 3, 2):
+            qm = calibrate(quantize(fp, QuantConfig(w_bits=bits, a_bits=bits, irm=True)), [photos_224], irm_steps=2)
+            path = export_onnx(qm, folder / f"{name}_w{bits}.onnx")
+            out[name, bits] = qm, path, compare(qm, path, photos_224, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def fmnist_exports(fmnist_teacher, fmnist_calibration, tmp_path_factory):
     """{bits: (PTQ model of the demo teacher at WbAb, its int8 ONNX)} for 8, 4, 3 and 2 bits."""
-    from qvit_export import QuantConfig
-    from qvit_export.demo import ptq
+    from qvit_export import QuantConfig, calibrate, quantize
     from qvit_export.onnx_export import export_onnx
 
     folder = tmp_path_factory.mktemp("fmnist_exports")
     out = {}
     for bits in (8, 4, 3, 2):
-        qm = ptq(fmnist_teacher, QuantConfig(w_bits=bits, a_bits=bits, irm=bits < 8), fmnist_calibration)
+        # 20 IRM steps, not 100: parity does not depend on how well IRM fits (saves 2 minutes of the suite)
+        qm = calibrate(quantize(fmnist_teacher, QuantConfig(w_bits=bits, a_bits=bits, irm=bits < 8)),
+                       fmnist_calibration, irm_steps=20)
         out[bits] = qm, export_onnx(qm, folder / f"w{bits}.onnx")
     return out
 

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
 
-from qvit_export import QuantConfig, QvitError, calibrate, create_model, quantize
+from qvit_export import QvitError
 from qvit_export.anatomy import (SUMMARY_KEYS, analyze, float_gemm_layers, parse_inspector_json,
                                  parse_layer_listing, summary_line)
 from qvit_export.demo import DEMO_KWARGS
@@ -143,13 +142,9 @@ def _assert_all_int8(report, figures, label):
 
 
 @pytest.fixture(scope="module")
-def photo_w4a4(photos_224):
-    out = {}
-    for name in ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"):
-        torch.manual_seed(0)
-        out[name] = calibrate(quantize(create_model(name), QuantConfig(w_bits=4, a_bits=4, irm=True)), [photos_224],
-                              irm_steps=2)
-    return out
+def photo_w4a4(photo_exports):
+    """DeiT-tiny and Swin-tiny at W4A4 (random init, calibrated on the photographs), shared with test_export."""
+    return {name: model for (name, bits), (model, _, _) in photo_exports.items() if bits == 4}
 
 
 def test_demo_vit_int8_plan_places_every_layer_on_int8(fmnist_exports, tmp_path, figures):

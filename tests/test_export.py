@@ -56,21 +56,6 @@ def _zero_points(graph):
     return [values[n.input[2]] for n in graph.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
 
 
-@pytest.fixture(scope="module")
-def photo_exports(photos_224, tmp_path_factory):
-    """{(model, bits): (quantized model, ONNX path, parity report)} for DeiT-tiny and Swin-tiny."""
-    out = {}
-    folder = tmp_path_factory.mktemp("photo_exports")
-    for name in PHOTO_MODELS:
-        torch.manual_seed(0)
-        fp = create_model(name)
-        for bits in BITS:
-            qm = calibrate(quantize(fp, QuantConfig(w_bits=bits, a_bits=bits, irm=True)), [photos_224], irm_steps=2)
-            path = export_onnx(qm, folder / f"{name}_w{bits}.onnx")
-            out[name, bits] = qm, path, compare(qm, path, photos_224, progress=False)
-    return out
-
-
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("name", PHOTO_MODELS)
 def test_photo_models_qdq_graph_and_codes(name, bits, photo_exports, figures):
