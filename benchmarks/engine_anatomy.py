@@ -32,8 +32,7 @@ from qvit_export.anatomy import summary_line  # noqa: E402
 from qvit_export.data import fashion_mnist, photo_batch  # noqa: E402
 from qvit_export.demo import DEMO_KWARGS, DEMO_MODEL  # noqa: E402
 from qvit_export.engine import build_engine  # noqa: E402
-from qvit_export.onnx_export import INT4_BLOCKS, ExportOptions, export_onnx, int4_layers  # noqa: E402
-from qvit_export.onnx_export import _input_shape as input_shape  # noqa: E402
+from qvit_export.onnx_export import INT4_BLOCKS, ExportOptions, export_onnx, input_shape, int4_layers  # noqa: E402
 
 from export_bench import export_fp  # noqa: E402  (benchmarks/ is the script's own folder)
 

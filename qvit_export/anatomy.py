@@ -187,6 +187,13 @@ def _classify(k: Kernel) -> tuple[str, str | None]:
     return "float", (wdtypes[0] if wdtypes else None)
 
 
+def export_reasons(metadata: dict[str, str]) -> dict[str, str]:
+    """{layer: why it is not an INT8×INT8 GEMM by the export's choice}, from the ONNX metadata the exporter wrote
+    (``int8_weight_layers``: INT8 weights in an INT4 graph; ``float_weight_layers``: weights stored dequantized)."""
+    reasons = {layer: f"INT8 weights: {why}" for layer, why in json.loads(metadata.get("int8_weight_layers", "{}")).items()}
+    return reasons | json.loads(metadata.get("float_weight_layers", "{}"))
+
+
 def analyze(kernels: list[Kernel], ops: list[dict], reasons: dict[str, str] | None = None) -> dict:
     """The anatomy: {'summary': {SUMMARY_KEYS}, 'layers': [...], 'kernel_types': {...}}.
 

@@ -106,12 +106,7 @@ def engine_anatomy(onnx_model, listing: str | None, inspector: dict) -> dict:
     from . import anatomy
     from .onnx_graph import quantized_ops
 
-    meta = {p.key: p.value for p in onnx_model.metadata_props}
-    reasons = {}
-    kept = json.loads(meta.get("int8_weight_layers", "{}"))
-    for layer, why in kept.items():
-        reasons[layer] = f"INT8 weights: {why}"
-    reasons |= json.loads(meta.get("float_weight_layers", "{}"))
+    reasons = anatomy.export_reasons({p.key: p.value for p in onnx_model.metadata_props})
     if listing:
         kernels, source = anatomy.parse_layer_listing(listing), "builder layer listing (ProfilingVerbosity.DETAILED)"
     elif "Layers" in inspector:
@@ -186,18 +181,15 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
     start = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
+    if plan is None:
+        detail = logger.errors[-1] if logger.errors else "no reason given"
+        raise QvitError(f"TensorRT could not build the engine: {detail.splitlines()[0]}")
+    plan = bytes(plan)
+
     import onnx
 
     onnx_model = onnx.load(str(onnx_path), load_external_data=False)
     meta = {p.key: p.value for p in onnx_model.metadata_props}
-    if plan is None:
-        detail = logger.errors[-1] if logger.errors else "no reason given"
-        hint = ""
-        if meta.get("precision") == "int4" and "Myelin" in detail:
-            hint = ("; INT4 block weights under INT8 activations are outside what this TensorRT compiles: export "
-                    "with --precision int4-weight-only (INT4 weights, float activations) or int8")
-        raise QvitError(f"TensorRT could not build the engine: {detail.splitlines()[0]}{hint}")
-    plan = bytes(plan)
     report = {
         "library": library, "version": trt.__version__, "typing": "weak (INT8+FP16 flags)" if weakly_typed else "strong",
         "target": compute_capability or "this machine's GPU", "onnx": str(onnx_path),

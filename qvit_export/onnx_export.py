@@ -157,7 +157,10 @@ class ExportLinear(_ExportWeightLayer):
     """
 
     axis = 1
-    flatten = False
+
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype, activations: bool = True, flatten: bool = False):
+        super().__init__(layer, dtype, activations)
+        self.flatten = flatten
 
     def forward(self, x):
         if self.flatten:
@@ -247,12 +250,15 @@ def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
                                 "with per-tensor activation quantizers (the default QuantConfig)")
 
 
-def export_twin(model: nn.Module, options: ExportOptions) -> nn.Module:
-    """A copy of the quantized model whose layers emit the QDQ graph; same maths, ONNX-friendly form."""
+def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None = None) -> nn.Module:
+    """A copy of the quantized model whose layers emit the QDQ graph; same maths, ONNX-friendly form.
+    ``int4``: the layers whose weights become INT4 blocks (default: ``int4_layers`` for an int4 precision)."""
     _check_deployable(model, options)
     dtype = torch.float16 if options.dtype == "fp16" else torch.float32
     activations = not options.weight_only
-    flattened = set(int4_layers(model, options.int4_block)[0]) if options.precision == "int4" else set()
+    if int4 is None:
+        int4 = int4_layers(model, options.int4_block)[0] if options.int4 else []
+    flattened = set(int4) if options.precision == "int4" else set()
     twin = copy.deepcopy(model).eval()
     for name, mod in list(twin.named_modules()):
         if not name:
@@ -260,8 +266,7 @@ def export_twin(model: nn.Module, options: ExportOptions) -> nn.Module:
         parent_name, _, child = name.rpartition(".")
         parent = twin.get_submodule(parent_name) if parent_name else twin
         if isinstance(mod, QuantLinear):
-            setattr(parent, child, ExportLinear(mod, dtype, activations))
-            parent.get_submodule(child).flatten = name in flattened
+            setattr(parent, child, ExportLinear(mod, dtype, activations, flatten=name in flattened))
         elif isinstance(mod, QuantConv2d):
             setattr(parent, child, ExportConv2d(mod, dtype, activations))
         elif isinstance(mod, LSQQuantizer) and not isinstance(parent, (ExportLinear, ExportConv2d)):
@@ -278,7 +283,7 @@ def _plain_layernorm(norm: nn.LayerNorm) -> nn.LayerNorm:
     return plain
 
 
-def _input_shape(model: nn.Module) -> tuple[int, int, int]:
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
     embed = getattr(model, "patch_embed", None)
     chans = embed.proj.in_channels
     size = embed.img_size if embed.img_size is not None else (224, 224)
@@ -297,10 +302,18 @@ def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions()
     from . import onnx_graph
 
     opset = options.resolved_opset()
-    twin = export_twin(model, options)
+    int4, int8_kept = int4_layers(model, options.int4_block) if options.int4 else ([], {})
+    twin = export_twin(model, options, int4)
+    stored = {}  # the export's own choices, which the engine anatomy reports as reasons (anatomy.export_reasons)
+    if options.int4:
+        stored = {"int4_block": str(options.int4_block), "int8_weight_layers": int8_kept}
+    if options.weight_only:
+        stored["float_weight_layers"] = {
+            name: "weight-only: TensorRT has no weight-only convolution, so its 8-bit weights are stored dequantized "
+                  "(same values)" for name, m in twin.named_modules() if isinstance(m, ExportConv2d) and m.store_float}
     dtype = torch.float16 if options.dtype == "fp16" else torch.float32
     # A dynamic batch is traced at 2 so that no shape specialises on 1.
-    dummy = torch.zeros(2 if options.dynamic_batch else 1, *_input_shape(model), dtype=dtype)
+    dummy = torch.zeros(2 if options.dynamic_batch else 1, *input_shape(model), dtype=dtype)
     dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if options.dynamic_batch else None
     with tempfile.TemporaryDirectory(prefix="qvit-export-") as scratch:
         raw = Path(scratch) / "torch.onnx"
@@ -313,7 +326,7 @@ def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions()
     onnx_graph.prepare(graph)
     if simplify:
         graph = onnx_graph.simplify(graph, decomposed_layernorm=options.decompose_layernorm)
-    graph = onnx_graph.finalize(graph, model, options, opset, metadata or {})
+    graph = onnx_graph.finalize(graph, model, options, opset, (metadata or {}) | stored, int4)
     return onnx_graph.save_atomic(graph, path)
 
 

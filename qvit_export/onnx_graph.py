@@ -216,25 +216,16 @@ def check_tensorrt_rules(model) -> None:
             raise QvitError(f"{node.name}: zero point must be an explicit constant 0 for TensorRT")
 
 
-def finalize(model, torch_model, options, opset: int, metadata: dict):
-    """Apply the precision, set opset and metadata, and check the result (nodes were named by prepare)."""
+def finalize(model, torch_model, options, opset: int, metadata: dict, int4: list[str] = ()):
+    """Apply the precision (``int4``: the layers whose weights become INT4 blocks), set opset and metadata, and
+    check the result (nodes were named by prepare)."""
     import onnx
 
     from . import __version__
 
-    from .onnx_export import int4_layers
-
     cfg = getattr(torch_model, "qvit_config", None)
-    int4_meta = {}
     if options.int4:
-        layers, kept = int4_layers(torch_model, options.int4_block)
-        _to_int4(model, layers, options.int4_block)
-        int4_meta = {"int4_block": str(options.int4_block), "int8_weight_layers": json.dumps(kept, sort_keys=True)}
-    if options.weight_only:
-        convs = {name: "weight-only: TensorRT has no weight-only convolution, so its 8-bit weights are stored "
-                       "dequantized (same values)" for name, mod in torch_model.named_modules()
-                 if hasattr(mod, "weight_quantizer") and getattr(mod, "weight", None) is not None and mod.weight.dim() == 4}
-        int4_meta["float_weight_layers"] = json.dumps(convs, sort_keys=True)
+        _to_int4(model, list(int4), options.int4_block)
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset
@@ -243,7 +234,7 @@ def finalize(model, torch_model, options, opset: int, metadata: dict):
     for node in model.graph.node:
         node.doc_string = ""
     props = {"qvit_export_version": __version__, "precision": options.precision, "dtype": options.dtype,
-             "opset": str(opset), "quant_config": json.dumps(cfg.to_dict() if cfg else None, sort_keys=True)} | int4_meta
+             "opset": str(opset), "quant_config": json.dumps(cfg.to_dict() if cfg else None, sort_keys=True)}
     props |= {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     del model.metadata_props[:]
     for key in sorted(props):

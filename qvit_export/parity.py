@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -143,10 +144,8 @@ def compare(model: nn.Module, onnx_path, images, batch_size: int = 250, progress
 
     graph = onnx.load(str(onnx_path))
     weight_only = {p.key: p.value for p in graph.metadata_props}.get("precision") == "int4-weight-only"
-    if weight_only:
-        with quantizers_disabled(model, weights=False):
-            return _compare(model, graph, onnx_path, images, batch_size, progress, weight_only)
-    return _compare(model, graph, onnx_path, images, batch_size, progress, weight_only)
+    with quantizers_disabled(model, weights=False) if weight_only else contextlib.nullcontext():
+        return _compare(model, graph, onnx_path, images, batch_size, progress, weight_only)
 
 
 def _compare(model, graph, onnx_path, images, batch_size, progress, weight_only) -> ParityReport:

@@ -11,8 +11,8 @@ import onnx
 import pytest
 
 from qvit_export import QvitError
-from qvit_export.anatomy import (SUMMARY_KEYS, analyze, float_gemm_layers, parse_inspector_json,
-                                 parse_layer_listing, summary_line)
+from qvit_export.anatomy import (SUMMARY_KEYS, analyze, export_reasons, float_gemm_layers,
+                                 parse_inspector_json, parse_layer_listing, summary_line)
 from qvit_export.demo import DEMO_KWARGS
 from qvit_export.onnx_export import ExportOptions, export_onnx
 
@@ -23,10 +23,7 @@ DATA = Path(__file__).parent / "data" / "anatomy"
 def _stored(precision):
     listing = (DATA / f"{precision}.layers.txt").read_text()
     info = json.loads((DATA / f"{precision}.ops.json").read_text())
-    meta = info["metadata"]
-    reasons = {k: f"INT8 weights: {v}" for k, v in json.loads(meta.get("int8_weight_layers", "{}")).items()}
-    reasons |= json.loads(meta.get("float_weight_layers", "{}"))
-    return parse_layer_listing(listing), info, reasons
+    return parse_layer_listing(listing), info, export_reasons(info["metadata"])
 
 
 def test_listing_parses_every_kernel_with_types_and_onnx_nodes():
