@@ -1,12 +1,70 @@
-"""Atomic file writes: write beside the target, rename on success, leave nothing behind on failure."""
+"""Atomic file writes: write beside the target, rename on success, leave nothing behind on failure.
+
+Temporary files are named ``.<target name>.<random>.tmp`` in the target's folder, so the next run that writes
+the same target recognises (and removes) what a killed run left (transaction.py).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 
 from .errors import QvitError
+
+_WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+        errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
+        errno.EFBIG: "file too large for this file system or process limit", errno.EIO: "input/output error"}
+
+
+def temp_pattern(path: Path) -> str:
+    """The glob of the temporary files written for ``path`` (in its folder)."""
+    return f".{glob_escape(path.name)}.*.tmp"
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def io_error(path, exc: BaseException) -> QvitError:
+    """One line for a failed write of ``path``: what the system said and what to do."""
+    if isinstance(exc, OSError):
+        why = _WHY.get(exc.errno, exc.strerror or type(exc).__name__)
+    else:  # torch.save reports a failed write as RuntimeError("... file write failed") and loses errno
+        why = "the write failed (is the disk full?)"
+    return QvitError(f"cannot write {path}: {why}; free space or choose a writable output path (nothing was "
+                     "replaced)")
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    # torch.save's zip writer: "PytorchStreamWriter failed writing ...", "[enforce fail at inline_container.cc] ..."
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and any(
+        marker in str(exc) for marker in ("PytorchStreamWriter", "inline_container", "file write failed")))
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create ``path``'s missing folders; return them deepest first (to undo with ``remove_empty``)."""
+    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        remove_empty(created)
+        raise io_error(path, e) from None
+    return created
+
+
+def temp_beside(path: Path) -> Path:
+    """A new, empty temporary file next to ``path`` (mode from the umask, not mkstemp's private 0600)."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise io_error(path, e) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    os.close(fd)
+    return Path(tmp)
 
 
 @contextlib.contextmanager
@@ -15,27 +73,24 @@ def atomic_path(path):
     path = Path(path)
     if path.is_dir():
         raise QvitError(f"{path} is a directory: give a file name")
-    created = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # folders we make, deepest first
+    created = make_parents(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        _remove_empty(created)
-        raise QvitError(f"cannot write to {path.parent} ({e.strerror}): choose a writable output path") from None
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
+        tmp = temp_beside(path)
+    except QvitError:
+        remove_empty(created)
+        raise
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the result gets the usual mode
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        _remove_empty(created)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        remove_empty(created)
+        if is_write_failure(e):
+            raise io_error(path, e) from None
         raise
 
 
-def _remove_empty(folders: list[Path]) -> None:
+def remove_empty(folders: list[Path]) -> None:
     """Undo the folders a failed write created (those still empty), deepest first."""
     for folder in folders:
         try:

@@ -106,8 +106,22 @@ def input_batches(model: nn.Module, data) -> list[torch.Tensor]:
         seen = [(b[0] if isinstance(b, (tuple, list)) else b) for b in data]
     else:
         raise QvitError("calibrate needs batches of images (a tensor, a list or a DataLoader) or a forward_loop(model)")
-    if not seen or not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in seen):
-        raise QvitError("calibrate got no image batches: pass real images shaped [batch, channels, height, width]")
+    from .onnx_export import input_shape
+
+    expected = input_shape(model)
+    want = f"[batch, {', '.join(map(str, expected))}]"
+    if not seen or not all(isinstance(x, torch.Tensor) for x in seen):
+        raise QvitError(f"calibrate got no image batches: pass real images shaped {want}")
+    for x in seen:
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise QvitError(f"calibration images are shaped {list(x.shape)} but this model takes {want}: resize and "
+                            "convert them with the model's eval transform (timm.data.create_transform)")
+        if not x.is_floating_point():
+            raise QvitError(f"calibration images are {x.dtype}, not float: normalise them with the model's eval "
+                            "transform (timm.data.create_transform) first")
+        if not bool(torch.isfinite(x).all()):
+            raise QvitError("calibration images contain NaN or infinite values: check how they were loaded and "
+                            "normalised")
     return seen
 
 
@@ -161,5 +175,8 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
         if q.per_channel:  # a weight quantizer: its owner's weight is all the data it needs
             w = model.get_submodule(name.rsplit(".", 1)[0]).weight.detach()
             q.set_step(choose_step(method, w.reshape(w.shape[0], -1).float(), q))
+    from .quantize import check_steps
+
+    check_steps(model, "calibration failed")  # e.g. non-finite weights
     model.train(was_training)
     return model

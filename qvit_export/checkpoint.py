@@ -26,14 +26,15 @@ def save_checkpoint(path, model: nn.Module, metrics: dict | None = None, extra: 
                     model_name: str | None = None, model_kwargs: dict | None = None) -> Path:
     """Write ``model`` (FP or quantized) to ``path`` atomically.
 
-    The timm name and kwargs come from ``qvit_export.create_model`` or from ``model_name``/``model_kwargs``.
+    The timm name and kwargs come from ``model_name``/``model_kwargs``, else from ``qvit_export.create_model``'s
+    record, else from what ``timm.create_model`` put on the model (timm_models.describe_model).
     """
-    source = getattr(model, "qvit_source", None)
+    from .timm_models import describe_model
+
     if model_name is not None:
         source = {"name": model_name, "kwargs": dict(model_kwargs or {})}
-    if source is None:
-        raise QvitError("cannot tell which timm model this is: build it with qvit_export.create_model, "
-                        "or pass model_name= and model_kwargs= to save_checkpoint")
+    else:
+        source = describe_model(model)
     cfg = getattr(model, "qvit_config", None)
     state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
     payload = {
@@ -130,6 +131,10 @@ def model_from_checkpoint(ckpt: dict, path) -> nn.Module:
     except RuntimeError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
         raise QvitError(f"{path} does not match {ckpt['model']['name']}: {detail}") from None
+    if ckpt["quant"] is not None:
+        from .quantize import check_steps
+
+        check_steps(model, str(path))
     model.qvit_checkpoint = {k: ckpt[k] for k in ("metrics", "extra")} | {"path": str(path)}
     return model.eval()
 

@@ -3,39 +3,92 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+from .config import SUPPORTED_BITS
 from .errors import QvitError
 
 
 def _run(main, argv) -> int:
+    """Run a command: one line and exit 2 for bad input, 130/143 for SIGINT/SIGTERM (interrupts.py)."""
+    from . import interrupts
+
+    interrupts.install()
     try:
         return main(argv)
     except QvitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted (SIGINT): stopped; files being written were discarded", file=sys.stderr)
         return 130
+    except interrupts.Terminated:
+        print("terminated (SIGTERM): stopped; files being written were discarded", file=sys.stderr)
+        return 143
 
 
 def _batch_triple(text: str) -> tuple[int, int, int]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch {text!r}: give min,opt,max such as 1,8,32") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give min,opt,max such as 1,8,32") from None
     if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"--batch {text!r}: give three numbers min,opt,max such as 1,8,32")
+        raise argparse.ArgumentTypeError(f"{text!r}: give three numbers min,opt,max such as 1,8,32")
+    if not 1 <= values[0] <= values[1] <= values[2]:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 1 <= min <= opt <= max")
     return values
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in [lo, hi]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {lo} to {hi}" if hi is not None
+                                             else f"{value} is out of range: give {lo} or more")
+        return value
+    return parse
+
+
+def _float_in(lo: float, hi: float | None = None, low_open: bool = False):
+    """An argparse type: a finite number in [lo, hi] (or (lo, hi] when ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < lo or (low_open and value == lo) or (hi is not None and value > hi):
+            bound = f"{'more than' if low_open else 'at least'} {lo:g}" + (f" and at most {hi:g}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a finite number {bound}")
+        return value
+    return parse
+
+
+def _compute_capability(text: str) -> str:
+    if not re.fullmatch(r"sm\d{2,3}", text.lower()):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a compute capability such as sm89 (sm75 to sm120)")
+    return text.lower()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error of every other failure (argparse prints usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 # ---- qvit-export ------------------------------------------------------------------------------------
 
 def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qvit-export", description="Export a quantized checkpoint to QDQ ONNX, prove "
+    p = _Parser(prog="qvit-export", description="Export a quantized checkpoint to QDQ ONNX, prove "
                                 "parity with PyTorch through ONNX Runtime, and build a TensorRT engine.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by qvit-train or save_checkpoint")
     p.add_argument("--onnx", help="ONNX output (default: next to --engine, else next to the checkpoint)")
@@ -50,7 +103,7 @@ def export_parser() -> argparse.ArgumentParser:
                    help="INT4 block size along K (default 64: covers the most of DeiT/Swin; layers whose K is no "
                         "multiple stay INT8)")
     g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the non-quantized ops")
-    g.add_argument("--opset", type=int, help="ONNX opset (default: 17, 19 for fp16, 21 for int4)")
+    g.add_argument("--opset", type=_int_in(17, 21), help="ONNX opset 17 to 21 (default: 17, 19 for fp16, 21 for int4)")
     g.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 instead of a dynamic axis")
     g.add_argument("--decompose-layernorm", action="store_true",
                    help="write LayerNorm as elementary ops (TensorRT 8.5 / JetPack 5)")
@@ -58,17 +111,18 @@ def export_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("parity")
     v.add_argument("--parity-data", default="auto",
                    help="auto (the checkpoint's dataset, else photographs), fashion-mnist, photos, or an image folder")
-    v.add_argument("--parity-images", type=int, default=1000, help="how many images (default 1000)")
+    v.add_argument("--parity-images", type=_int_in(1), default=1000, help="how many images (default 1000)")
     v.add_argument("--parity-report", help="JSON report path (default: <onnx>.parity.json)")
-    v.add_argument("--min-top1-agreement", type=float, help="percent (default 99.9; 90 with --dtype fp16)")
-    v.add_argument("--min-code-match", type=float, help="percent per quantizer (default 99.9; 98 with --dtype fp16)")
-    v.add_argument("--max-lsb", type=int, default=1, help="largest code difference allowed (default 1)")
+    v.add_argument("--min-top1-agreement", type=_float_in(0, 100), help="percent (default 99.9; 90 with --dtype fp16)")
+    v.add_argument("--min-code-match", type=_float_in(0, 100),
+                   help="percent per quantizer (default 99.9; 98 with --dtype fp16)")
+    v.add_argument("--max-lsb", type=_int_in(0, 255), default=1, help="largest code difference allowed (default 1)")
     v.add_argument("--no-parity", action="store_true", help="skip the parity check")
     e = p.add_argument_group("engine")
     e.add_argument("--target", choices=("auto", "tensorrt", "tensorrt-rtx"), default="auto")
-    e.add_argument("--compute-capability", help="TensorRT-RTX ahead-of-time target, e.g. sm89")
-    e.add_argument("--batch", type=_batch_triple, default=(1, 8, 32), help="min,opt,max batch (default 1,8,32)")
-    e.add_argument("--workspace", type=int, help="builder workspace limit in MiB")
+    e.add_argument("--compute-capability", type=_compute_capability, help="TensorRT-RTX ahead-of-time target, e.g. sm89")
+    e.add_argument("--batch", type=_batch_triple, help="min,opt,max batch of the dynamic axis (default 1,8,32)")
+    e.add_argument("--workspace", type=_int_in(1), help="builder workspace limit in MiB")
     e.add_argument("--timing-cache", help="timing cache file, read and updated")
     e.add_argument("--allow-float-gemms", action="store_true",
                    help="keep an engine in which a quantized layer runs as a float GEMM (default: refuse it)")
@@ -84,76 +138,114 @@ def _default_onnx(args) -> Path:
     return ckpt.with_name(f"{ckpt.stem}.{args.precision}.onnx")
 
 
+def _export_plan(args) -> tuple[dict, dict, list]:
+    """(outputs, inputs, files to remove at commit) of one qvit-export run, by flag name; engine-only options
+    without --engine are refused here, before any work."""
+    from .engine import default_report_path, failed_report_path as failed_build
+    from .parity import default_report_path as default_parity, failed_report_path as failed_parity
+
+    if not args.engine:
+        given = [flag for flag, value in (("--compute-capability", args.compute_capability), ("--batch", args.batch),
+                                          ("--workspace", args.workspace), ("--timing-cache", args.timing_cache),
+                                          ("--allow-float-gemms", args.allow_float_gemms)) if value]
+        if given:
+            raise QvitError(f"{given[0]} configures the engine build: add --engine PLAN, or drop {given[0]}")
+    if args.static_batch and args.batch:
+        raise QvitError("--batch sets the range of a dynamic batch, which --static-batch removes: drop one of them")
+    if args.no_parity and (args.parity_report or args.parity_data != "auto"):
+        raise QvitError("--no-parity skips the parity check: drop --parity-report/--parity-data, or --no-parity")
+    onnx_path = _default_onnx(args)
+    parity = Path(args.parity_report) if args.parity_report else default_parity(onnx_path)
+    outputs = {"--onnx": onnx_path, "--parity-report": None if args.no_parity else parity}
+    removes = [failed_parity(parity)] + ([parity] if args.no_parity else [])  # a report of an ONNX no longer there
+    if args.engine:
+        report = default_report_path(args.engine)
+        outputs |= {"--engine": Path(args.engine), "build report": report}
+        removes.append(failed_build(report))
+    inputs = {"--ckpt": Path(args.ckpt), "--parity-data": Path(args.parity_data)
+              if args.parity_data not in ("auto", "photos", "fashion-mnist") else None,
+              "--timing-cache": Path(args.timing_cache) if args.timing_cache else None}
+    return outputs, inputs, removes
+
+
 def export_main(argv=None) -> int:
     args = export_parser().parse_args(argv)
     from .checkpoint import load_checkpoint, read_checkpoint
-    from .onnx_export import ExportOptions, export_onnx, file_sha256
+    from .onnx_export import ExportOptions, file_sha256
+    from .transaction import OutputSet
 
-    ckpt_path = Path(args.ckpt)
-    ckpt = read_checkpoint(ckpt_path)
-    if ckpt["quant"] is None:
-        raise QvitError(f"{ckpt_path} holds a float model: quantize and calibrate (or train) it before export")
+    outputs, inputs, removes = _export_plan(args)
+    if args.timing_cache:  # read and updated by TensorRT: an output of the set when TensorRT uses it
+        inputs.pop("--timing-cache")
     options = ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset, int4_block=args.int4_block,
                             dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm)
-    opset = options.resolved_opset()  # refuse bad options before any work
-    have_tensorrt = False
-    if args.engine:
+    opset = options.resolved_opset()
+    batch = args.batch or (1, 8, 32)
+    if args.engine:  # TensorRT missing, a target it lacks: known before any work
         from .engine import check_build_options
 
-        try:
-            check_build_options(args.target, args.compute_capability, args.batch)
-            have_tensorrt = True
-        except QvitError as e:
-            if "no TensorRT library" not in str(e):
-                raise
-    model = load_checkpoint(ckpt_path)
-    onnx_path = _default_onnx(args)
-    metadata = {"checkpoint_sha256": file_sha256(ckpt_path), "checkpoint": ckpt_path.name, "model": ckpt["model"],
-                "recipe": ckpt["extra"].get("recipe", {"quant": ckpt["quant"]}), "metrics": ckpt.get("metrics", {})}
+        _, library = check_build_options(args.target, args.compute_capability, batch)
+        if args.timing_cache and library == "tensorrt":
+            outputs["--timing-cache"] = Path(args.timing_cache)
+    ckpt_path = Path(args.ckpt)
+    with OutputSet(outputs, inputs, removes) as out:
+        ckpt = read_checkpoint(ckpt_path)
+        if ckpt["quant"] is None:
+            raise QvitError(f"{ckpt_path} holds a float model: quantize and calibrate (or train) it before export")
+        model = load_checkpoint(ckpt_path)
+        metadata = {"checkpoint_sha256": file_sha256(ckpt_path), "checkpoint": ckpt_path.name, "model": ckpt["model"],
+                    "recipe": ckpt["extra"].get("recipe", {"quant": ckpt["quant"]}), "metrics": ckpt.get("metrics", {})}
+        images = what = None
+        if not args.no_parity:
+            from .data import parity_images
 
-    start = time.perf_counter()
-    if args.no_parity:
-        export_onnx(model, onnx_path, options, metadata, simplify=not args.no_simplify)
-    else:
-        from .data import parity_images
-        from .parity import export_with_parity
+            images, what = parity_images(args.parity_data, model, args.parity_images, ckpt["extra"].get("dataset"),
+                                         flag="--parity-data")
+        from .parity import stage_export
 
-        images, what = parity_images(args.parity_data, model, args.parity_images, ckpt["extra"].get("dataset"))
         # FP16 rounding moves values across code boundaries, which changes predictions near ties (measured on
         # the demo ViT at W4A4: 95-98% top-1 agreement, accuracy within 0.4 points): looser defaults.
         fp16 = args.dtype == "fp16"
-        report = export_with_parity(
-            model, onnx_path, images, options, metadata, simplify=not args.no_simplify, report_path=args.parity_report,
+        start = time.perf_counter()
+        print(f"exporting {outputs['--onnx']} ({args.precision}, {args.dtype}, opset {opset})", flush=True)
+        report = stage_export(
+            out, model, images, options, metadata, simplify=not args.no_simplify, labels=("--onnx", "--parity-report"),
             min_top1=args.min_top1_agreement if args.min_top1_agreement is not None else (90.0 if fp16 else 99.9),
             min_codes=args.min_code_match if args.min_code_match is not None else (98.0 if fp16 else 99.9),
             max_lsb=args.max_lsb)
-        print(f"parity data: {what}")
-        print(report.table())
-        if fp16:
-            print("note: fp16 graph against the fp32 PyTorch model; measure its accuracy with qvit-eval --onnx")
-    print(f"wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s, "
-          f"{args.precision}, {args.dtype}, opset {opset})")
-    if options.int4:
-        from .onnx_export import int4_layers
+        onnx_bytes = out.stage("--onnx").stat().st_size
+        if report is not None:
+            print(f"parity data: {what}")
+            print(report.table())
+            if fp16:
+                print("note: fp16 graph against the fp32 PyTorch model; measure its accuracy with qvit-eval --onnx")
+        print(f"ONNX ready: {onnx_bytes / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s")
+        if options.int4:
+            from .onnx_export import int4_layers
 
-        chosen, kept = int4_layers(model, options.int4_block)
-        print(f"INT4 weights (block {options.int4_block}): {len(chosen)} layers; INT8 weights: {len(kept)} layers"
-              + "".join(f"\n  {name}: {why}" for name, why in kept.items()))
+            chosen, kept = int4_layers(model, options.int4_block)
+            print(f"INT4 weights (block {options.int4_block}): {len(chosen)} layers; INT8 weights: {len(kept)} layers"
+                  + "".join(f"\n  {name}: {why}" for name, why in kept.items()))
+        built = None
+        if args.engine:
+            from .engine import write_engine
 
-    if args.engine:
-        from .engine import INSTALL_HINT, build_engine
-
-        if not have_tensorrt:
-            raise QvitError(f"no TensorRT here to build {args.engine}: {INSTALL_HINT}; the ONNX is kept at {onnx_path}")
+            print(f"building {args.engine}", flush=True)
+            built = write_engine(out, out.stage("--onnx"), labels=("--engine", "build report", "--timing-cache"),
+                                 onnx_name=outputs["--onnx"], target=args.target,
+                                 compute_capability=args.compute_capability, batch=batch,
+                                 workspace_mib=args.workspace, allow_float_gemms=args.allow_float_gemms,
+                                 timing_cache_requested=args.timing_cache)
+        else:
+            out.commit()
+    print(f"wrote {outputs['--onnx']}" + (f" and {outputs['--parity-report']}" if report is not None else ""))
+    if built is not None:
         from .anatomy import summary_line
 
-        report = build_engine(onnx_path, args.engine, target=args.target, compute_capability=args.compute_capability,
-                              batch=args.batch, workspace_mib=args.workspace, timing_cache=args.timing_cache,
-                              allow_float_gemms=args.allow_float_gemms)
-        print(f"built {args.engine} with {report['library']} {report['version']} for {report['target']}: "
-              f"{report['plan_bytes'] / 1e6:.2f} MB, {report['layers']} layers "
-              f"({len(report['qdq_layers'])} Q/DQ), {report['build_seconds']:.1f} s; report {report['report']}")
-        anatomy = report["anatomy"]
+        print(f"built {args.engine} with {built['library']} {built['version']} for {built['target']}: "
+              f"{built['plan_bytes'] / 1e6:.2f} MB, {built['layers']} layers "
+              f"({len(built['qdq_layers'])} Q/DQ), {built['build_seconds']:.1f} s; report {built['report']}")
+        anatomy = built["anatomy"]
         print(summary_line(anatomy) if "summary" in anatomy else f"anatomy: skipped ({anatomy['skipped']})")
     return 0
 
@@ -164,7 +256,7 @@ _SHORTCUTS = (("epochs", int), ("batch_size", int), ("lr", float), ("teacher", s
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qvit-train", description="Train an FP teacher or a Q-ViT student (QAT with IRM "
+    p = _Parser(prog="qvit-train", description="Train an FP teacher or a Q-ViT student (QAT with IRM "
                                 "and DGD) from a recipe; one process, or many under torchrun.")
     p.add_argument("--recipe", help="models/<name>.yaml by name, or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -210,14 +302,14 @@ def train_main(argv=None) -> int:
 # ---- qvit-report ------------------------------------------------------------------------------------
 
 def report_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qvit-report", description="OPs (Bi-Real/Q-DETR and BOPs/64 conventions) and "
+    p = _Parser(prog="qvit-report", description="OPs (Bi-Real/Q-DETR and BOPs/64 conventions) and "
                                 "model size, per layer and in total, of a checkpoint or a timm model at given bits.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a qvit-export checkpoint (its own bits)")
     src.add_argument("--model", help="a timm model name (DeiT/ViT or Swin)")
-    p.add_argument("--bits", type=int, help="weight and activation bits for --model (2, 3, 4 or 8)")
-    p.add_argument("--w-bits", type=int, help="weight bits (default: --bits)")
-    p.add_argument("--a-bits", type=int, help="activation bits (default: --bits)")
+    p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, help="weight and activation bits for --model")
+    p.add_argument("--w-bits", type=int, choices=SUPPORTED_BITS, help="weight bits (default: --bits)")
+    p.add_argument("--a-bits", type=int, choices=SUPPORTED_BITS, help="activation bits (default: --bits)")
     p.add_argument("--layers", action="store_true", help="print every layer")
     p.add_argument("--json", help="also write the report (with every layer) here")
     return p
@@ -228,6 +320,10 @@ def report_main(argv=None) -> int:
     from .config import QuantConfig
     from .report import report
 
+    if args.json:
+        from .transaction import OutputSet
+
+        OutputSet({"--json": args.json}, {"--ckpt": args.ckpt})  # refuses, before any work, an input as output
     if args.ckpt:
         from .checkpoint import load_checkpoint
 
@@ -242,6 +338,9 @@ def report_main(argv=None) -> int:
         if (w_bits is None) != (a_bits is None):
             raise QvitError("give both weight and activation bits (--bits, or --w-bits and --a-bits)")
         model, name = create_model(args.model), args.model
+        if not hasattr(model, "patch_embed") or not hasattr(model.patch_embed, "proj"):
+            raise QvitError(f"--model {name} is not a vision transformer qvit-export supports: pick a DeiT/ViT or "
+                            "Swin name (timm.list_models('deit*'), ('vit*'), ('swin*'))")
         cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits) if w_bits else None
     result = report(model, cfg, name)
     if args.layers:
@@ -261,7 +360,7 @@ def report_main(argv=None) -> int:
 # ---- qvit-eval --------------------------------------------------------------------------------------
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qvit-eval", description="top-1/top-5 and loss of a checkpoint (PyTorch), "
+    p = _Parser(prog="qvit-eval", description="top-1/top-5 and loss of a checkpoint (PyTorch), "
                                 "an ONNX model (ONNX Runtime) or a TensorRT engine (GPU), measured the same way.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a qvit-export checkpoint")
@@ -270,8 +369,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="fashion-mnist", help="fashion-mnist (test split) or an image folder")
     p.add_argument("--model-ckpt", help="for an image folder with --onnx/--engine: the checkpoint whose transforms "
                    "to use")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=_int_in(1), default=250, help="images per batch (default 250)")
+    p.add_argument("--limit", type=_int_in(1), help="evaluate only the first N images")
     p.add_argument("--json", help="also write the metrics here")
     return p
 
@@ -288,6 +387,13 @@ def eval_main(argv=None) -> int:
     reference = load_checkpoint(args.ckpt or args.model_ckpt) if (args.ckpt or args.model_ckpt) else None
     if args.data != "fashion-mnist" and reference is None:
         raise QvitError("an image folder needs --model-ckpt (or --ckpt) to know the model's input transform")
+    if args.model_ckpt and args.ckpt:
+        raise QvitError("--model-ckpt is for --onnx/--engine: with --ckpt, drop it")
+    if args.json:
+        from .transaction import OutputSet
+
+        OutputSet({"--json": args.json}, {"--ckpt": args.ckpt, "--onnx": args.onnx, "--engine": args.engine,
+                                          "--model-ckpt": args.model_ckpt})  # refuses, before any work, an input as output
     dataset = evaluation_dataset(args.data, reference)
     if args.limit:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))

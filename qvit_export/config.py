@@ -38,8 +38,17 @@ class QuantConfig:
             raise QvitError(f"irm={self.irm!r} must be True or False")
         if self.calibration not in CALIBRATION_METHODS:
             raise QvitError(f"calibration={self.calibration!r} is unknown: choose one of {', '.join(CALIBRATION_METHODS)}")
-        # A list from YAML or JSON is accepted; store a tuple so the config stays hashable.
-        object.__setattr__(self, "keep_8bit", tuple(self.keep_8bit))
+        # A list from YAML or JSON is accepted (one name as a string too); a tuple keeps the config hashable.
+        keep = (self.keep_8bit,) if isinstance(self.keep_8bit, str) else self.keep_8bit
+        try:
+            keep = tuple(keep)
+        except TypeError:
+            raise QvitError(f"keep_8bit={self.keep_8bit!r} must be a list of module names such as "
+                            "['patch_embed', 'head']") from None
+        if not all(isinstance(k, str) and k for k in keep):
+            raise QvitError(f"keep_8bit={self.keep_8bit!r} must be a list of module names such as "
+                            "['patch_embed', 'head']")
+        object.__setattr__(self, "keep_8bit", keep)
 
     def is_edge(self, module_name: str) -> bool:
         """Whether the layer is one of the first/last layers kept at ``edge_bits``."""

@@ -82,51 +82,86 @@ def photo_batch(model, names=PHOTOS) -> torch.Tensor:
     return torch.stack(images)
 
 
-def folder_dataset(folder: Path, transform):
-    """timm's dataset over one folder of class sub-folders, with ``transform``; empty or missing is an error."""
-    from timm.data import create_dataset
+class FolderImages(torch.utils.data.Dataset):
+    """Labelled images of one folder of class sub-folders (listed by timm's folder reader), read with PIL in
+    ``mode``; a file that is not a readable image is named in a one-line error, never skipped."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform, mode: str = "RGB"):
+        self.samples, self.transform, self.mode = samples, transform, mode
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        from PIL import Image, UnidentifiedImageError
+
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert(self.mode)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise QvitError(f"cannot read image {path} ({str(e).splitlines()[0][:120] or type(e).__name__}): "
+                            "remove or replace it") from None
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+def folder_dataset(folder: Path, transform, mode: str = "RGB") -> FolderImages:
+    """The images of one folder of class sub-folders, with ``transform``; empty or missing is an error."""
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
 
     try:
-        dataset = create_dataset("", root=str(folder))
-    except RuntimeError:  # timm refuses a folder without images
-        dataset = []
-    if len(dataset) == 0:
+        samples = ReaderImageFolder(str(folder)).samples
+    except (RuntimeError, OSError):  # timm refuses a folder without images
+        samples = []
+    if len(samples) == 0:
         raise QvitError(f"no images in {folder}: put one sub-folder of images per class there")
-    dataset.transform = transform
-    return dataset
+    return FolderImages(samples, transform, mode)
 
 
-def image_folder(root, model):
+def image_mode(model) -> str:
+    """PIL mode of the model's input images: grey for one channel, RGB for three."""
+    from .onnx_export import input_shape
+
+    channels = input_shape(model)[0]
+    if channels not in (1, 3):
+        raise QvitError(f"this model takes {channels}-channel images: image folders hold grey or RGB images only")
+    return "L" if channels == 1 else "RGB"
+
+
+def image_folder(root, model, flag: str = "--data"):
     """An ImageNet-layout folder (class sub-folders, or train/ and val/ splits) through timm's eval transform."""
     from timm.data import create_transform, resolve_data_config
 
     root = Path(root)
     if not root.is_dir():
-        raise QvitError(f"image folder not found: {root} (expected class sub-folders of images)")
+        raise QvitError(f"image folder {flag} {root} not found: give a folder of class sub-folders of images")
     split = next((s for s in ("val", "validation", "test") if (root / s).is_dir()), "")
-    return folder_dataset(root / split, create_transform(**resolve_data_config({}, model=model), is_training=False))
+    return folder_dataset(root / split, create_transform(**resolve_data_config({}, model=model), is_training=False),
+                          image_mode(model))
 
 
-def evaluation_dataset(spec: str, model):
-    """'fashion-mnist' (the test split) or an image folder: labelled data for evaluation and parity."""
+def evaluation_dataset(spec: str, model, flag: str = "--data"):
+    """'fashion-mnist' (the test split) or an image folder: labelled data for evaluation and parity. ``flag``
+    is the option that named it, for the messages."""
     if spec == "fashion-mnist":
         if model is not None and model.patch_embed.proj.in_channels != 1:
-            raise QvitError("Fashion-MNIST images are grey but this model takes RGB: pass an image folder as --data")
+            raise QvitError(f"Fashion-MNIST images are grey but this model takes RGB: pass an image folder as {flag}")
         return fashion_mnist("test")
-    return image_folder(spec, model)
+    return image_folder(spec, model, flag)
 
 
-def parity_images(spec: str, model, limit: int, dataset_hint: str | None = None) -> tuple[torch.Tensor, str]:
+def parity_images(spec: str, model, limit: int, dataset_hint: str | None = None,
+                  flag: str = "--parity-data") -> tuple[torch.Tensor, str]:
     """Images to prove parity on, and what they are. 'auto' takes the checkpoint's own dataset when it is
     available (``dataset_hint``), else scikit-image's photographs."""
     if spec == "auto":  # the checkpoint's dataset; the built-in grey one for a 1x28x28 model; else photographs
         grey = model.patch_embed.proj.in_channels == 1 and tuple(model.patch_embed.img_size) == (28, 28)
         spec = dataset_hint or ("fashion-mnist" if grey else "photos")
     if spec == "photos" and model.patch_embed.proj.in_channels != 3:
-        raise QvitError("the photographs are RGB but this model takes other images: pass --parity-data "
+        raise QvitError(f"the photographs are RGB but this model takes other images: pass {flag} "
                         "fashion-mnist or an image folder")
     if spec == "photos":
         return photo_batch(model)[:limit], f"{min(limit, len(PHOTOS))} scikit-image photographs"
-    dataset = evaluation_dataset(spec, model)
+    dataset = evaluation_dataset(spec, model, flag)
     n = min(limit, len(dataset))
     return torch.stack([dataset[i][0] for i in range(n)]), f"{n} images of {spec}"

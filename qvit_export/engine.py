@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from .atomic import atomic_path, write_bytes, write_text
+from .atomic import write_text
 from .errors import QvitError
 
 TARGETS = ("auto", "tensorrt", "tensorrt-rtx")
@@ -134,16 +134,53 @@ def check_build_options(target: str = "auto", compute_capability: str | None = N
     return trt, library
 
 
-def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability: str | None = None,
-                 batch: tuple[int, int, int] = (1, 8, 32), workspace_mib: int | None = None,
-                 timing_cache=None, report_path=None, allow_float_gemms: bool = False) -> dict:
-    """Build a TensorRT plan from a QDQ ONNX file; write it and its build report JSON atomically.
+def _progress_monitor(trt, progress: bool):
+    """A progress bar over the builder's top-level phases, and the way a SIGINT/SIGTERM cancels a build
+    (interrupts.py: a signal raised inside a TensorRT callback would be swallowed)."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+    from tqdm.auto import tqdm
 
-    The report's ``anatomy`` (anatomy.py) says which kernel computes each quantized layer and in which
-    datatypes; a quantized layer left as a float GEMM fails the build (nothing written) unless
-    ``allow_float_gemms``."""
+    from . import interrupts
+
+    class Monitor(trt.IProgressMonitor):
+        """One bar, reset at each top-level phase (nested phases only tick it)."""
+
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.bar = tqdm(total=0, desc="TensorRT", unit="step", leave=False, disable=not progress)
+            self.phase = None
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                self.phase = phase_name
+                self.bar.reset(total=num_steps)
+                self.bar.set_description(f"TensorRT: {phase_name}", refresh=False)
+
+        def step_complete(self, phase_name, step):
+            if phase_name == self.phase:
+                self.bar.update(1)
+            return not interrupts.pending()  # False cancels the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+        def close(self):
+            self.bar.close()
+
+    return Monitor()
+
+
+def build_plan(onnx_path, target: str = "auto", compute_capability: str | None = None,
+               batch: tuple[int, int, int] = (1, 8, 32), workspace_mib: int | None = None, timing_cache=None,
+               plan_name=None, onnx_name=None, progress: bool = True) -> tuple[bytes, dict, bytes | None]:
+    """Build a TensorRT plan from a QDQ ONNX file, writing nothing: (plan, build report, timing cache bytes
+    to store or None). ``plan_name``/``onnx_name`` are the paths the report records (the files may be staged
+    under other names). SIGINT/SIGTERM cancel the build and are raised when it stops."""
+    from . import interrupts
+
     trt, library = check_build_options(target, compute_capability, batch)
-    onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise QvitError(f"ONNX model not found: {onnx_path}")
     lo, opt, hi = batch
@@ -177,9 +214,17 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
         config.add_optimization_profile(profile)
     else:
         lo = opt = hi = tuple(inputs[0].shape)[0]
+    monitor = _progress_monitor(trt, progress)
+    if monitor is not None:
+        config.progress_monitor = monitor
 
     start = time.perf_counter()
-    plan = builder.build_serialized_network(network, config)
+    with interrupts.deferred():  # a signal cancels through the monitor, then is raised here
+        try:
+            plan = builder.build_serialized_network(network, config)
+        finally:
+            if monitor is not None:
+                monitor.close()
     seconds = time.perf_counter() - start
     if plan is None:
         detail = logger.errors[-1] if logger.errors else "no reason given"
@@ -192,38 +237,94 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
     meta = {p.key: p.value for p in onnx_model.metadata_props}
     report = {
         "library": library, "version": trt.__version__, "typing": "weak (INT8+FP16 flags)" if weakly_typed else "strong",
-        "target": compute_capability or "this machine's GPU", "onnx": str(onnx_path),
+        "target": compute_capability or "this machine's GPU", "onnx": str(onnx_name or onnx_path),
         "precision": meta.get("precision"), "dtype": meta.get("dtype"), "batch": {"min": lo, "opt": opt, "max": hi},
-        "plan": str(plan_path), "plan_bytes": len(plan), "build_seconds": round(seconds, 3),
+        "plan": str(plan_name) if plan_name else None, "plan_bytes": len(plan), "build_seconds": round(seconds, 3),
         **layer_summary(trt, network),
     }
     report["engine_inspector"] = _inspect(trt, logger, plan) if not compute_capability else \
         {"skipped": "built ahead of time for another target: inspect on that GPU"}
-    from .anatomy import find_layer_listing, float_gemm_layers
+    from .anatomy import find_layer_listing
 
     report["anatomy"] = engine_anatomy(onnx_model, find_layer_listing(logger.listings), report["engine_inspector"])
     report["timing_cache"] = str(cache_path) if cache_path else ("not used by TensorRT-RTX" if timing_cache else None)
-    report_path = Path(report_path) if report_path else plan_path.with_suffix(".build.json")
+    cache_bytes = bytes(config.get_timing_cache().serialize()) if cache_path is not None else None
+    return plan, report, cache_bytes
+
+
+def failed_report_path(report_path) -> Path:
+    """Where a failed run puts its evidence: ``x.build.json`` -> ``x.build.failed.json``."""
+    report_path = Path(report_path)
+    return report_path.with_name(report_path.name.removesuffix(".json") + ".failed.json")
+
+
+def check_float_gemms(report: dict, report_path, allow_float_gemms: bool) -> None:
+    """Refuse an engine that runs a quantized layer as a float GEMM; the evidence goes to ``*.failed.json``."""
+    from .anatomy import float_gemm_layers
+
     floats = float_gemm_layers(report["anatomy"]) if "summary" in report["anatomy"] else []
     if floats and not allow_float_gemms:
-        evidence = report_path.with_name(report_path.name.removesuffix(".json") + ".failed.json")
+        evidence = failed_report_path(report_path)
         write_text(evidence, json.dumps(report, indent=2, sort_keys=True))
         names = ", ".join(e["layer"] for e in floats[:3]) + (f" and {len(floats) - 3} more" if len(floats) > 3 else "")
         raise QvitError(f"TensorRT runs quantized layer(s) {names} as float GEMMs ({floats[0]['kernel']}: inputs "
                         f"{'/'.join(floats[0]['input_dtypes']) or 'none'}): the QDQ pattern did not fuse; no plan "
                         f"written, anatomy in {evidence} (pass --allow-float-gemms to keep such an engine)")
-    if cache_path is not None:
-        with atomic_path(cache_path) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    # The plan is written last, so a plan on disk always has its report beside it.
-    write_text(report_path, json.dumps(report, indent=2, sort_keys=True))
-    try:
-        write_bytes(plan_path, plan)
-    except BaseException:
-        report_path.unlink(missing_ok=True)
-        raise
+
+
+def default_report_path(plan_path) -> Path:
+    return Path(plan_path).with_suffix(".build.json")
+
+
+def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability: str | None = None,
+                 batch: tuple[int, int, int] = (1, 8, 32), workspace_mib: int | None = None,
+                 timing_cache=None, report_path=None, allow_float_gemms: bool = False, progress: bool = True) -> dict:
+    """Build a TensorRT plan from a QDQ ONNX file; the plan and its build report JSON (and an updated timing
+    cache) replace what was there together, or not at all (transaction.py).
+
+    The report's ``anatomy`` (anatomy.py) says which kernel computes each quantized layer and in which
+    datatypes; a quantized layer left as a float GEMM fails the build (nothing written but the evidence,
+    ``<report>.failed.json``) unless ``allow_float_gemms``."""
+    from .transaction import OutputSet
+
+    _, library = check_build_options(target, compute_capability, batch)
+    plan_path = Path(plan_path)
+    report_path = Path(report_path) if report_path else default_report_path(plan_path)
+    cache = Path(timing_cache) if timing_cache and library == "tensorrt" else None  # TensorRT-RTX keeps none
+    outputs = {"plan": plan_path, "build report": report_path, "timing cache": cache}
+    with OutputSet(outputs, inputs={"onnx": Path(onnx_path)}, removes=[failed_report_path(report_path)]) as out:
+        return write_engine(out, onnx_path, target=target, compute_capability=compute_capability, batch=batch,
+                            workspace_mib=workspace_mib, allow_float_gemms=allow_float_gemms, progress=progress,
+                            labels=("plan", "build report", "timing cache"), onnx_name=onnx_path,
+                            timing_cache_requested=timing_cache)
+
+
+def write_engine(out, onnx_path, labels: tuple[str, str, str], onnx_name=None, allow_float_gemms: bool = False,
+                 timing_cache_requested=None, **build) -> dict:
+    """Build into an open OutputSet ``out`` whose outputs ``labels`` (plan, build report, and the timing cache
+    when TensorRT uses one) are staged, check the anatomy, write the staged files, and commit."""
+    plan_label, report_label, cache_label = labels
+    plan_path, report_path = out.outputs[plan_label], out.outputs[report_label]
+    cache_path = out.outputs.get(cache_label)  # TensorRT reads it where it is; the update is staged
+    plan, report, cache_bytes = build_plan(onnx_path, timing_cache=cache_path or timing_cache_requested,
+                                           plan_name=plan_path, onnx_name=onnx_name, **build)
+    check_float_gemms(report, report_path, allow_float_gemms)
     report["report"] = str(report_path)
+    _write_staged(out.stage(report_label), report_path, json.dumps(report, indent=2, sort_keys=True).encode())
+    _write_staged(out.stage(plan_label), plan_path, plan)
+    if cache_path is not None:
+        _write_staged(out.stage(cache_label), cache_path, cache_bytes)
+    out.commit()
     return report
+
+
+def _write_staged(tmp: Path, target: Path, data: bytes) -> None:
+    from .atomic import io_error
+
+    try:
+        tmp.write_bytes(data)
+    except OSError as e:
+        raise io_error(target, e) from None
 
 
 class EngineModule:

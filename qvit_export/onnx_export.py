@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +234,9 @@ def int4_layers(model: nn.Module, block: int = DEFAULT_INT4_BLOCK) -> tuple[list
 def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
     """The default scheme is deployable by construction; refuse anything else with the layer's name."""
     cfg = getattr(model, "qvit_config", None)
+    from .quantize import check_steps
+
+    check_steps(model, "cannot export")
     for name, mod in model.named_modules():
         if options.int4 and isinstance(mod, QuantLinear) and mod.weight_quantizer.bits > 4 \
                 and not (cfg is not None and cfg.is_edge(name)):
@@ -284,7 +286,10 @@ def _plain_layernorm(norm: nn.LayerNorm) -> nn.LayerNorm:
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the model takes."""
     embed = getattr(model, "patch_embed", None)
+    if embed is None or not hasattr(embed, "proj"):
+        raise QvitError(f"{type(model).__name__} has no patch embedding: qvit-export supports timm ViT/DeiT and Swin")
     chans = embed.proj.in_channels
     size = embed.img_size if embed.img_size is not None else (224, 224)
     return (chans, *size)
@@ -297,6 +302,16 @@ def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions()
     ``simplify`` runs onnxsim with a guard that no QDQ node is lost. ``metadata`` is added to the model's
     metadata_props next to the tool version, QuantConfig, precision, dtype and opset.
     """
+    from . import onnx_graph
+
+    return onnx_graph.save_atomic(onnx_model(model, options, metadata, simplify), path)
+
+
+def onnx_model(model: nn.Module, options: ExportOptions = ExportOptions(), metadata: dict | None = None,
+               simplify: bool = True):
+    """The QDQ ONNX of a calibrated or trained quantized model, as an in-memory ModelProto (export_onnx)."""
+    import io
+
     import onnx
 
     from . import onnx_graph
@@ -315,19 +330,17 @@ def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions()
     # A dynamic batch is traced at 2 so that no shape specialises on 1.
     dummy = torch.zeros(2 if options.dynamic_batch else 1, *input_shape(model), dtype=dtype)
     dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if options.dynamic_batch else None
-    with tempfile.TemporaryDirectory(prefix="qvit-export-") as scratch:
-        raw = Path(scratch) / "torch.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(twin, (dummy,), str(raw), dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic,
-                              do_constant_folding=True)
-        graph = onnx.load(str(raw))
+    raw = io.BytesIO()  # in memory: no scratch file that a killed run could leave behind
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(twin, (dummy,), raw, dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic,
+                          do_constant_folding=True)
+    graph = onnx.load_from_string(raw.getvalue())
     onnx_graph.prepare(graph)
     if simplify:
         graph = onnx_graph.simplify(graph, decomposed_layernorm=options.decompose_layernorm)
-    graph = onnx_graph.finalize(graph, model, options, opset, (metadata or {}) | stored, int4)
-    return onnx_graph.save_atomic(graph, path)
+    return onnx_graph.finalize(graph, model, options, opset, (metadata or {}) | stored, int4)
 
 
 def file_sha256(path) -> str:

@@ -230,26 +230,64 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(out.astype(np.float32))
 
 
+def default_report_path(onnx_path) -> Path:
+    return Path(onnx_path).with_suffix(".parity.json")
+
+
+def failed_report_path(report_path) -> Path:
+    """Where a failing parity report goes (``x.parity.json`` -> ``x.parity.failed.json``): the evidence, never
+    in place of the report of the ONNX that is still there."""
+    report_path = Path(report_path)
+    return report_path.with_name(report_path.name.removesuffix(".json") + ".failed.json")
+
+
+def stage_export(out, model: nn.Module, images: torch.Tensor | None, options=None, metadata: dict | None = None,
+                 simplify: bool = True, labels: tuple[str, str] = ("onnx", "parity report"),
+                 min_top1: float = MIN_TOP1_AGREEMENT, min_codes: float = MIN_CODE_MATCH, max_lsb: int = MAX_LSB,
+                 progress: bool = True) -> ParityReport | None:
+    """Export into the staged ONNX of an open OutputSet ``out`` and, given ``images``, prove parity and stage
+    the JSON report; commits nothing. Failing parity writes the report to ``*.parity.failed.json`` and raises."""
+    from .atomic import io_error
+    from .onnx_export import ExportOptions, onnx_model
+
+    onnx_label, report_label = labels
+    graph = onnx_model(model, options or ExportOptions(), metadata, simplify=simplify)
+    tmp = out.stage(onnx_label)
+    try:
+        tmp.write_bytes(graph.SerializeToString())
+    except OSError as e:
+        raise io_error(out.outputs[onnx_label], e) from None
+    if images is None:
+        return None
+    report = compare(model, tmp, images, progress=progress)
+    report_path = out.outputs[report_label]
+    failures = report.failures(min_top1, min_codes, max_lsb)
+    if failures:
+        evidence = write_report(report, failed_report_path(report_path))
+        raise QvitError(f"parity below thresholds ({failures[0]}; {len(failures)} in all, see {evidence}): nothing "
+                        "was written; look for a damaged checkpoint or calibration, or loosen --min-top1-agreement/"
+                        "--min-code-match/--max-lsb if the figures are acceptable")
+    try:
+        out.stage(report_label).write_text(report.to_json())
+    except OSError as e:
+        raise io_error(report_path, e) from None
+    return report
+
+
 def export_with_parity(model: nn.Module, onnx_path, images: torch.Tensor, options=None, metadata: dict | None = None,
                        simplify: bool = True, report_path=None, min_top1: float = MIN_TOP1_AGREEMENT,
                        min_codes: float = MIN_CODE_MATCH, max_lsb: int = MAX_LSB,
                        progress: bool = True) -> ParityReport:
-    """Export, prove parity on ``images``, and only then put the ONNX file at ``onnx_path``.
-
-    The JSON report is written beside it (or at ``report_path``) pass or fail: on failure it is the evidence,
-    and the error names it.
-    """
-    from .atomic import atomic_path
-    from .onnx_export import ExportOptions, export_onnx
+    """Export, prove parity on ``images``, and only then put the ONNX file at ``onnx_path`` and its JSON report
+    beside it (or at ``report_path``), both or neither. A failing report is written to
+    ``<report>.failed.json`` and the error names it; the files already there are left as they were."""
+    from .transaction import OutputSet
 
     onnx_path = Path(onnx_path)
-    report_path = Path(report_path) if report_path else onnx_path.with_suffix(".parity.json")
-    with atomic_path(onnx_path) as tmp:
-        export_onnx(model, tmp, options or ExportOptions(), metadata, simplify=simplify)
-        report = compare(model, tmp, images, progress=progress)
-        write_report(report, report_path)
-        failures = report.failures(min_top1, min_codes, max_lsb)
-        if failures:
-            raise QvitError(f"parity below thresholds ({failures[0]}; {len(failures)} in all, see {report_path}): "
-                            "the ONNX was not written; pass --no-parity to keep it anyway")
+    report_path = Path(report_path) if report_path else default_report_path(onnx_path)
+    with OutputSet({"onnx": onnx_path, "parity report": report_path},
+                   removes=[failed_report_path(report_path)]) as out:
+        report = stage_export(out, model, images, options, metadata, simplify, min_top1=min_top1,
+                              min_codes=min_codes, max_lsb=max_lsb, progress=progress)
+        out.commit()
     return report

@@ -85,3 +85,19 @@ def quantizers_disabled(model: nn.Module, weights: bool = True):
     finally:
         for q, enabled in saved:
             q.enabled = enabled
+
+
+def check_steps(model: nn.Module, source: str) -> None:
+    """Refuse a calibrated quantizer whose step is zero, negative, NaN or infinite (a damaged checkpoint or a
+    broken calibration: such a step exports as a scale of 1.2e-38 or inf), naming the quantizer."""
+    import torch
+
+    for name, q in quantizers(model):
+        if not q.initialized:
+            continue
+        step = q.step.detach()
+        bad = ~torch.isfinite(step) | (step <= 0)
+        if bool(bad.any()):
+            value = step.reshape(-1)[bad.reshape(-1)][0].item()
+            raise QvitError(f"{source}: quantizer '{name}' has step {value!r} ({int(bad.sum())} of {step.numel()} "
+                            "bad); a step must be a positive finite number: recalibrate or retrain")

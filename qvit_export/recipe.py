@@ -6,6 +6,7 @@ states only what differs, and an unknown key is an error rather than a silent no
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 from .config import CALIBRATION_METHODS, check_bits
@@ -141,12 +142,15 @@ def validate(recipe: dict) -> dict:
             raise QvitError(f"{key}={value!r} must be a whole number" + ("" if key in ("seed", "irm_steps", "workers") else " >= 1"))
     for key in ("lr", "min_lr", "weight_decay", "warmup_epochs", "distill_weight", "distill_tau", "dgd_weight",
                 "label_smoothing", "drop_path"):
-        if isinstance(recipe[key], bool) or not isinstance(recipe[key], (int, float)) or recipe[key] < 0:
-            raise QvitError(f"{key}={recipe[key]!r} must be a number >= 0")
+        value = recipe[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise QvitError(f"{key}={value!r} must be a finite number >= 0")
     for key in ("irm", "dgd", "amp", "pretrained"):
         if not isinstance(recipe[key], bool):
             raise QvitError(f"{key}={recipe[key]!r} must be true or false")
-    if recipe["clip_grad"] is not None and not (isinstance(recipe["clip_grad"], (int, float)) and recipe["clip_grad"] > 0):
+    clip = recipe["clip_grad"]
+    if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and math.isfinite(clip)
+                                 and clip > 0):
         raise QvitError(f"clip_grad={recipe['clip_grad']!r} must be a positive number or null")
     if not isinstance(recipe["model_kwargs"], dict):
         raise QvitError("model_kwargs must be a mapping of timm.create_model arguments")

@@ -23,6 +23,53 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
     if weights is not None:
         from .checkpoint import load_state_dict_file
 
-        model.load_state_dict(load_state_dict_file(weights))
+        try:
+            model.load_state_dict(load_state_dict_file(weights))
+        except RuntimeError as e:
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln),
+                          str(e).splitlines()[0])
+            raise QvitError(f"weights {weights} do not fit {name} {kwargs or ''}: {detail[:200]}; pass the weights "
+                            "of this model (and its num_classes, img_size, ...)") from None
     model.qvit_source = {"name": name, "kwargs": dict(kwargs)}
     return model
+
+
+def _architecture_kwargs(model: nn.Module) -> dict:
+    """The timm.create_model arguments that shape ``model``, read from the model itself."""
+    embed = model.patch_embed
+    kwargs = {"num_classes": model.num_classes, "in_chans": embed.proj.in_channels,
+              "img_size": tuple(embed.img_size), "patch_size": tuple(embed.patch_size)[0]}
+    if hasattr(model, "blocks"):  # ViT / DeiT
+        kwargs |= {"embed_dim": model.embed_dim, "depth": len(model.blocks),
+                   "num_heads": model.blocks[0].attn.num_heads}
+    elif hasattr(model, "layers"):  # Swin
+        kwargs |= {"embed_dim": model.embed_dim, "depths": tuple(len(s.blocks) for s in model.layers),
+                   "num_heads": tuple(s.blocks[0].attn.num_heads for s in model.layers),
+                   "window_size": tuple(model.layers[0].blocks[0].window_size)}
+    return kwargs
+
+
+def describe_model(model: nn.Module) -> dict:
+    """``{"name", "kwargs"}`` that rebuild ``model``'s architecture with create_model: its own record
+    (``qvit_source``), else what timm put on it (``pretrained_cfg["architecture"]``) and the arguments read
+    from it, kept only where they differ from that architecture's defaults and checked by rebuilding it."""
+    source = getattr(model, "qvit_source", None)
+    if source is not None:
+        return {"name": source["name"], "kwargs": dict(source["kwargs"])}
+    import timm
+
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not name or not timm.is_model(name) or not hasattr(model, "patch_embed"):
+        raise QvitError("cannot tell which timm model this is: build it with timm.create_model or "
+                        "qvit_export.create_model, or pass model_name= and model_kwargs= to save_checkpoint")
+    import torch
+
+    with torch.device("meta"):
+        default = _architecture_kwargs(timm.create_model(name))
+        kwargs = {k: v for k, v in _architecture_kwargs(model).items() if v != default.get(k)}
+        rebuilt = timm.create_model(name, **kwargs).state_dict()
+    own = model.state_dict()
+    if any(k not in own or tuple(own[k].shape) != tuple(v.shape) for k, v in rebuilt.items()):
+        raise QvitError(f"cannot rebuild this {name} from its arguments {kwargs}: pass model_name= and "
+                        "model_kwargs= (the timm.create_model arguments you used) to save_checkpoint")
+    return {"name": name, "kwargs": kwargs}

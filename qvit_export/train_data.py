@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist, folder_dataset
+from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist, folder_dataset, image_mode
 from .errors import QvitError
 
 _BACKGROUND = (0.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD  # a black pixel after normalisation
@@ -108,8 +108,9 @@ def _image_folder(recipe: dict, model) -> tuple[Dataset, Dataset]:
                                  color_jitter=aug["color_jitter"], auto_augment=aug["auto_augment"] or None,
                                  re_prob=aug["re_prob"])
     # The training images come untransformed: SeededAugment applies timm's transform, seeded per sample.
-    train = folder_dataset(_folder_split(root, ("train",)), None)
-    val = folder_dataset(_folder_split(root, ("val", "validation")), plain)
+    mode = image_mode(model)
+    train = folder_dataset(_folder_split(root, ("train",)), None, mode)
+    val = folder_dataset(_folder_split(root, ("val", "validation")), plain, mode)
     return (SeededAugment(_limit(train, recipe["train_limit"]), augmented, recipe["seed"], plain=plain),
             _limit(val, recipe["val_limit"]))
 

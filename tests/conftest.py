@@ -72,6 +72,16 @@ def fmnist_exports(fmnist_teacher, fmnist_calibration, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def fmnist_w4a4_ckpt(fmnist_teacher, fmnist_calibration, tmp_path_factory):
+    """W4A4 PTQ of the demo teacher (IRM on), saved as a checkpoint that names its dataset."""
+    from qvit_export import QuantConfig, calibrate, quantize, save_checkpoint
+
+    student = calibrate(quantize(fmnist_teacher, QuantConfig(w_bits=4, a_bits=4, irm=True)), fmnist_calibration,
+                        progress=False)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "w4a4.pt", student, extra={"dataset": "fashion-mnist"})
+
+
 @pytest.fixture
 def small_vit():
     """The demo architecture, random init: quick enough for gradient and checkpoint tests."""

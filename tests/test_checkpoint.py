@@ -103,13 +103,17 @@ def test_damaged_payloads_are_one_line(quantized, tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_save_needs_to_know_the_architecture(tmp_path):
+def test_save_reads_the_architecture_timm_recorded(tmp_path):
     import timm
 
-    with pytest.raises(QvitError, match="model_name="):
-        save_checkpoint(tmp_path / "m.pt", timm.create_model("test_vit"))
+    path = save_checkpoint(tmp_path / "m.pt", timm.create_model("test_vit", num_classes=7))
+    assert read_checkpoint(path)["model"] == {"name": "test_vit", "kwargs": {"num_classes": 7}}
     path = save_checkpoint(tmp_path / "m.pt", timm.create_model("test_vit"), model_name="test_vit")
     assert read_checkpoint(path)["model"] == {"name": "test_vit", "kwargs": {}}
+    bare = timm.create_model("test_vit")
+    bare.pretrained_cfg = {}
+    with pytest.raises(QvitError, match="model_name="):
+        save_checkpoint(tmp_path / "n.pt", bare)
 
 
 def test_timm_weights_file_loads_through_create_model(tmp_path):

@@ -1,0 +1,488 @@
+"""The fault suite: bad input, failed steps, full disks, locks and signals against the four commands and the API.
+
+Every command case runs the real command (in this process, or in a child process where a signal or a resource
+limit is the fault) over a folder that already holds a good export set, and asserts: the exit code, one line on
+stderr that says what to do (progress bars aside) and no traceback, the sha256 of every file that was there
+unchanged, and no new file except evidence named ``*.failed.json``.
+"""
+import fcntl
+import hashlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qvit_export import QuantConfig, QvitError, calibrate, create_model, load_checkpoint, quantize, save_checkpoint
+from qvit_export import cli
+
+TOOLS = {"qvit-export": cli.export_main, "qvit-eval": cli.eval_main, "qvit-report": cli.report_main,
+         "qvit-train": cli.train_main}
+RTX = ["--target", "tensorrt-rtx", "--compute-capability", "sm89"]
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def message_lines(stderr: str) -> list[str]:
+    """stderr without progress bars: the text after the last carriage return of each line, non-empty."""
+    return [ln.split("\r")[-1] for ln in stderr.split("\n") if ln.split("\r")[-1].strip()]
+
+
+def invoke(tool: str, argv: list) -> tuple[int, str]:
+    """Run a command's main as its entry point does; (exit code, stderr). Signal handlers are restored."""
+    import contextlib
+    import io
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = cli._run(TOOLS[tool], [str(a) for a in argv])
+            except SystemExit as e:  # argparse
+                code = e.code
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    return code, err.getvalue()
+
+
+def assert_one_line(code: int, stderr: str, expected_code: int, *needles: str) -> str:
+    lines = message_lines(stderr)
+    assert code == expected_code, stderr[-3000:]
+    assert len(lines) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def assert_untouched(folder: Path, before: dict[str, str], evidence: tuple[str, ...] = ()) -> None:
+    after = snapshot(folder)
+    assert {k: after.get(k) for k in before} == before, "a file that was there changed"
+    new = sorted(set(after) - set(before))
+    assert new == sorted(evidence), new
+
+
+def child(tool: str, args: list, **kw) -> subprocess.Popen:
+    code = f"import sys; from qvit_export.cli import {tool.replace('-', '_')} as main; sys.argv[0] = '{tool}'; main()"
+    # bytes, not text=True: universal newlines would turn a progress bar's carriage returns into new lines
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+
+
+def finish(p: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for the child; its stderr as text."""
+    _, err = p.communicate(timeout=timeout)
+    return err.decode(errors="replace")
+
+
+# ---- fixtures --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def good_set(fmnist_w4a4_ckpt, tmp_path_factory):
+    """A folder holding a good export set of the demo W4A4 checkpoint: m.onnx, m.parity.json, m.plan,
+    m.build.json."""
+    folder = tmp_path_factory.mktemp("good_set")
+    code, err = invoke("qvit-export", ["--ckpt", fmnist_w4a4_ckpt, "--engine", folder / "m.plan", *RTX,
+                                       "--parity-images", 500])
+    assert code == 0, err
+    assert sorted(snapshot(folder)) == ["m.build.json", "m.onnx", "m.parity.json", "m.plan"]
+    return folder
+
+
+@pytest.fixture
+def out(good_set, tmp_path):
+    """A fresh copy of the good set; the case's outputs go here."""
+    folder = tmp_path / "out"
+    shutil.copytree(good_set, folder)
+    return folder
+
+
+def _tamper(ckpt: Path, dest: Path, key: str, value: float) -> Path:
+    raw = torch.load(ckpt, weights_only=True)
+    raw["state_dict"][key] = torch.full_like(raw["state_dict"][key], value)
+    torch.save(raw, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def inputs(fmnist_w4a4_ckpt, fmnist_teacher, fmnist_calibration, photos_224, tmp_path_factory):
+    """Bad and good inputs the cases need, made once."""
+    folder = tmp_path_factory.mktemp("inputs")
+    ckpt = fmnist_w4a4_ckpt
+    paths = {"ckpt": ckpt}
+    data = ckpt.read_bytes()
+    (folder / "cut.pt").write_bytes(data[: len(data) // 3])
+    paths["cut"] = folder / "cut.pt"
+    torch.save({"weight": torch.zeros(3)}, folder / "bare.pt")
+    paths["bare"] = folder / "bare.pt"
+    paths["fp"] = save_checkpoint(folder / "fp.pt", fmnist_teacher)
+    for name, value in (("zero", 0.0), ("negative", -0.01), ("inf", float("inf")), ("nan", float("nan"))):
+        paths[f"step_{name}"] = _tamper(ckpt, folder / f"step_{name}.pt", "blocks.0.mlp.fc1.input_quantizer.step",
+                                        value)
+    # W8A8 PTQ without IRM: TensorRT-RTX 1.7 runs its qkv GEMMs in float (the build's anatomy catches it)
+    w8 = calibrate(quantize(fmnist_teacher, QuantConfig(w_bits=8, a_bits=8, irm=False)), fmnist_calibration[:1],
+                   progress=False)
+    paths["w8a8"] = save_checkpoint(folder / "w8a8.pt", w8, extra={"dataset": "fashion-mnist"})
+    torch.manual_seed(0)
+    rgb = calibrate(quantize(create_model("deit_tiny_patch16_224"), QuantConfig(w_bits=4, a_bits=4)), [photos_224],
+                    irm_steps=2, progress=False)
+    paths["rgb"] = save_checkpoint(folder / "deit_tiny_w4a4.pt", rgb)
+    junk = folder / "junk" / "class_a"
+    junk.mkdir(parents=True)
+    for i in range(12):
+        (junk / f"img{i}.png").write_bytes(b"this is not a PNG file")
+    paths["junk"] = folder / "junk"
+    run_dir = folder / "run"
+    run_dir.mkdir()
+    (run_dir / "last.pt").write_bytes(b"a run")
+    paths["run"] = run_dir
+    return paths
+
+
+# ---- the table ---------------------------------------------------------------------------------------
+# (id, tool, argv with {ckpt}, {out}, {in:<key>} placeholders, expected exit, words the line must hold,
+#  evidence files the case may leave in {out})
+
+CASES = [
+    # data loss through output paths
+    ("onnx-over-ckpt", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{in:ckpt}"], 2, ["overwrite the input --ckpt"]),
+    ("engine-over-ckpt", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{in:ckpt}", *RTX], 2,
+     ["overwrite the input --ckpt"]),
+    ("onnx-is-engine", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.plan", "--engine", "{out}/m.plan", *RTX],
+     2, ["--onnx and --engine are the same file"]),
+    ("report-is-onnx", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-report", "{out}/m.onnx"],
+     2, ["same file"]),
+    ("report-over-ckpt", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-report",
+                                         "{in:ckpt}"], 2, ["--parity-report", "overwrite the input --ckpt"]),
+    ("onnx-is-folder", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}"], 2, ["is a folder"]),
+    ("onnx-under-a-file", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.plan/x.onnx", "--no-parity"], 2,
+     ["cannot write", "m.plan"]),
+    # bad checkpoints
+    ("ckpt-missing", "qvit-export", ["--ckpt", "{out}/none.pt", "--onnx", "{out}/m.onnx"], 2, ["checkpoint not found"]),
+    ("ckpt-truncated", "qvit-export", ["--ckpt", "{in:cut}", "--onnx", "{out}/m.onnx"], 2, ["truncated"]),
+    ("ckpt-bare-state-dict", "qvit-export", ["--ckpt", "{in:bare}", "--onnx", "{out}/m.onnx"], 2,
+     ["not a qvit-export checkpoint"]),
+    ("ckpt-float-model", "qvit-export", ["--ckpt", "{in:fp}", "--onnx", "{out}/m.onnx"], 2, ["float model"]),
+    ("step-zero", "qvit-export", ["--ckpt", "{in:step_zero}", "--onnx", "{out}/m.onnx", "--no-parity"], 2,
+     ["blocks.0.mlp.fc1.input_quantizer", "step 0.0"]),
+    ("step-negative", "qvit-export", ["--ckpt", "{in:step_negative}", "--onnx", "{out}/m.onnx", "--no-parity"], 2,
+     ["blocks.0.mlp.fc1.input_quantizer", "positive finite"]),
+    ("step-inf", "qvit-export", ["--ckpt", "{in:step_inf}", "--onnx", "{out}/m.onnx", "--no-parity"], 2,
+     ["step inf"]),
+    ("step-nan", "qvit-export", ["--ckpt", "{in:step_nan}", "--onnx", "{out}/m.onnx", "--no-parity"], 2,
+     ["step nan"]),
+    # numeric options
+    ("opset-0", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--opset", 0], 2, ["--opset", "17 to 21"]),
+    ("opset-22", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--opset", 22], 2, ["--opset"]),
+    ("opset-too-low-for-int4", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--precision", "int4",
+                                               "--opset", 17], 2, ["--opset 21"]),
+    ("parity-images-0", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-images", 0], 2,
+     ["--parity-images", "1 or more"]),
+    ("parity-images-negative", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-images", -5],
+     2, ["--parity-images"]),
+    ("max-lsb-negative", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--max-lsb", -1], 2,
+     ["--max-lsb"]),
+    ("top1-over-100", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--min-top1-agreement", 101], 2,
+     ["--min-top1-agreement"]),
+    ("code-match-nan", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--min-code-match", "nan"], 2,
+     ["--min-code-match", "finite"]),
+    ("workspace-negative", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", *RTX, "--workspace", -1],
+     2, ["--workspace"]),
+    ("batch-order", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", *RTX, "--batch", "8,4,32"], 2,
+     ["--batch", "min <= opt <= max"]),
+    ("batch-not-numbers", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", *RTX, "--batch", "a,b"], 2,
+     ["--batch"]),
+    ("cc-none", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", "--target", "tensorrt-rtx",
+                                "--compute-capability", "none"], 2, ["--compute-capability", "sm89"]),
+    ("cc-current", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", "--target", "tensorrt-rtx",
+                                   "--compute-capability", "current"], 2, ["--compute-capability"]),
+    ("cc-unsupported", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", "--target", "tensorrt-rtx",
+                                       "--compute-capability", "sm87"], 2, ["sm87", "sm89"]),
+    ("cc-without-engine", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--compute-capability",
+                                          "sm89"], 2, ["--compute-capability", "--engine"]),
+    ("static-batch-with-batch", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", *RTX,
+                                                "--static-batch", "--batch", "1,8,32"], 2, ["--static-batch"]),
+    ("no-parity-with-report", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--no-parity",
+                                              "--parity-report", "{out}/r.json"], 2, ["--no-parity"]),
+    ("tensorrt-missing", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", "--target", "tensorrt"], 2,
+     ["no TensorRT", "pip install"]),
+    # a failed re-export over a good set
+    ("parity-fails", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", *RTX, "--max-lsb", 0,
+                                     "--parity-images", 300], 2, ["parity below thresholds", "m.parity.failed.json"],
+     ("m.parity.failed.json",)),
+    ("engine-step-fails", "qvit-export", ["--ckpt", "{in:w8a8}", "--engine", "{out}/m.plan", *RTX,
+                                          "--parity-images", 300], 2, ["float GEMMs", "m.build.failed.json"],
+     ("m.build.failed.json",)),
+    # unreadable data
+    ("parity-data-not-images", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-data",
+                                               "{in:junk}"], 2, ["cannot read image", "img0.png"]),
+    ("parity-data-missing", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-data",
+                                            "{out}/nowhere"], 2, ["--parity-data", "not found"]),
+    ("parity-data-grey-for-rgb", "qvit-export", ["--ckpt", "{in:rgb}", "--onnx", "{out}/m.onnx", "--parity-data",
+                                                 "fashion-mnist"], 2, ["--parity-data"]),
+    ("photos-for-grey", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-data", "photos"], 2,
+     ["--parity-data fashion-mnist"]),
+    # qvit-eval
+    ("eval-limit-negative", "qvit-eval", ["--ckpt", "{in:ckpt}", "--limit", -5], 2, ["--limit"]),
+    ("eval-batch-size-0", "qvit-eval", ["--ckpt", "{in:ckpt}", "--batch-size", 0], 2, ["--batch-size"]),
+    ("eval-onnx-missing", "qvit-eval", ["--onnx", "{out}/none.onnx"], 2, ["ONNX model not found"]),
+    ("eval-engine-without-gpu", "qvit-eval", ["--engine", "{out}/m.plan"], 2, ["CUDA"]),
+    ("eval-data-not-images", "qvit-eval", ["--ckpt", "{in:ckpt}", "--data", "{in:junk}"], 2, ["cannot read image"]),
+    ("eval-data-missing", "qvit-eval", ["--ckpt", "{in:ckpt}", "--data", "{out}/nowhere"], 2, ["--data", "not found"]),
+    ("eval-grey-data-for-rgb", "qvit-eval", ["--ckpt", "{in:rgb}", "--data", "fashion-mnist"], 2, ["--data"]),
+    ("eval-json-over-ckpt", "qvit-eval", ["--ckpt", "{in:ckpt}", "--json", "{in:ckpt}"], 2, ["--json", "--ckpt"]),
+    ("eval-json-over-onnx", "qvit-eval", ["--onnx", "{out}/m.onnx", "--json", "{out}/m.onnx"], 2, ["--json", "--onnx"]),
+    ("eval-folder-without-model", "qvit-eval", ["--onnx", "{out}/m.onnx", "--data", "{in:junk}"], 2, ["--model-ckpt"]),
+    # qvit-report
+    ("report-bits-0", "qvit-report", ["--model", "deit_tiny_patch16_224", "--bits", 0], 2, ["--bits"]),
+    ("report-bits-5", "qvit-report", ["--model", "deit_tiny_patch16_224", "--bits", 5], 2, ["--bits"]),
+    ("report-not-a-vit", "qvit-report", ["--model", "resnet18", "--bits", 4], 2, ["resnet18", "DeiT"]),
+    ("report-unknown-model", "qvit-report", ["--model", "no_such_model", "--bits", 4], 2, ["unknown timm model"]),
+    ("report-ckpt-with-bits", "qvit-report", ["--ckpt", "{in:ckpt}", "--bits", 4], 2, ["--ckpt carries"]),
+    ("report-half-bits", "qvit-report", ["--model", "deit_tiny_patch16_224", "--w-bits", 4], 2, ["activation bits"]),
+    ("report-json-over-ckpt", "qvit-report", ["--ckpt", "{in:ckpt}", "--json", "{in:ckpt}"], 2, ["--json"]),
+    # qvit-train
+    ("train-lr-nan", "qvit-train", ["--recipe", "demo_fp", "--lr", "nan", "--out", "{out}/run"], 2, ["lr=nan", "finite"]),
+    ("train-epochs-0", "qvit-train", ["--recipe", "demo_fp", "--epochs", 0, "--out", "{out}/run"], 2, ["epochs=0"]),
+    ("train-batch-negative", "qvit-train", ["--recipe", "demo_fp", "--batch-size", -1, "--out", "{out}/run"], 2,
+     ["batch_size=-1"]),
+    ("train-no-recipe", "qvit-train", ["--out", "{out}/run"], 2, ["--recipe"]),
+    ("train-recipe-missing", "qvit-train", ["--recipe", "no_such_recipe", "--out", "{out}/run"], 2, ["not found"]),
+    ("train-unknown-key", "qvit-train", ["--recipe", "demo_fp", "--set", "bogus=1", "--out", "{out}/run"], 2,
+     ["unknown recipe key 'bogus'"]),
+    ("train-resume-with-recipe", "qvit-train", ["--resume", "{in:run}/last.pt", "--recipe", "demo_fp"], 2,
+     ["--resume"]),
+    ("train-out-holds-a-run", "qvit-train", ["--recipe", "demo_fp", "--out", "{in:run}"], 2, ["--resume"]),
+]
+
+
+def _fill(arg, out: Path, inputs: dict) -> str:
+    text = str(arg).replace("{out}", str(out))
+    if "{in:" in text:
+        key = text[text.index("{in:") + 4:text.index("}", text.index("{in:"))]
+        text = text.replace("{in:" + key + "}", str(inputs[key]))
+    return text
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_command_fault(case, out, inputs):
+    name, tool, argv, expected, needles, *evidence = case
+    argv = [_fill(a, out, inputs) for a in argv]
+    before = snapshot(out)
+    inputs_before = {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in inputs.items() if Path(v).is_file()}
+    code, stderr = invoke(tool, argv)
+    assert_one_line(code, stderr, expected, *needles)
+    assert_untouched(out, before, evidence[0] if evidence else ())
+    assert {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in inputs.items()
+            if Path(v).is_file()} == inputs_before
+
+
+def test_a_successful_export_replaces_the_whole_set_and_clears_old_evidence(out, inputs):
+    (out / "m.parity.failed.json").write_text("{}")
+    before = snapshot(out)
+    code, stderr = invoke("qvit-export", ["--ckpt", inputs["ckpt"], "--onnx", out / "m.onnx", "--no-parity"])
+    assert code == 0, stderr
+    after = snapshot(out)
+    # --no-parity: the old report described another ONNX, so it goes with the old evidence
+    assert sorted(after) == ["m.build.json", "m.onnx", "m.plan"]
+    assert after["m.onnx"] == before["m.onnx"]  # exports are byte-identical: the same checkpoint, the same file
+    assert not list(out.glob(".*"))
+
+
+# ---- the API ---------------------------------------------------------------------------------------
+
+def _api_error(call, *needles):
+    with pytest.raises(QvitError) as err:
+        call()
+    assert "\n" not in str(err.value)
+    for needle in needles:
+        assert needle in str(err.value), str(err.value)
+
+
+@pytest.fixture
+def demo_fp(small_vit):
+    return quantize(small_vit, QuantConfig(w_bits=4, a_bits=4))
+
+
+API_CASES = [
+    ("calibrate-wrong-size", lambda m: calibrate(m, torch.randn(4, 1, 100, 100), progress=False),
+     ["[4, 1, 100, 100]", "[batch, 1, 28, 28]"]),
+    ("calibrate-wrong-channels", lambda m: calibrate(m, torch.randn(4, 3, 28, 28), progress=False),
+     ["[batch, 1, 28, 28]"]),
+    ("calibrate-uint8", lambda m: calibrate(m, torch.zeros(4, 1, 28, 28, dtype=torch.uint8), progress=False),
+     ["torch.uint8", "float"]),
+    ("calibrate-nan", lambda m: calibrate(m, torch.full((4, 1, 28, 28), float("nan")), progress=False), ["NaN"]),
+    ("calibrate-inf", lambda m: calibrate(m, torch.full((4, 1, 28, 28), float("inf")), progress=False), ["infinite"]),
+    ("calibrate-3d", lambda m: calibrate(m, [torch.randn(1, 28, 28)], progress=False), ["[batch, 1, 28, 28]"]),
+    ("calibrate-nothing", lambda m: calibrate(m, [], progress=False), ["no image batches"]),
+    ("quantconfig-bits", lambda m: QuantConfig(w_bits=5), ["w_bits=5"]),
+    ("quantconfig-keep-8bit-number", lambda m: QuantConfig(keep_8bit=5), ["keep_8bit=5"]),
+    ("export-uncalibrated", lambda m: __import__("qvit_export.onnx_export", fromlist=["x"]).onnx_model(m),
+     ["uncalibrated"]),
+]
+
+
+@pytest.mark.parametrize("case", API_CASES, ids=[c[0] for c in API_CASES])
+def test_api_fault(case, demo_fp):
+    name, call, needles = case
+    _api_error(lambda: call(demo_fp), *needles)
+
+
+def test_keep_8bit_as_one_name():
+    assert QuantConfig(keep_8bit="head").keep_8bit == ("head",)
+
+
+def test_create_model_with_another_models_weights(tmp_path):
+    torch.save(create_model("deit_tiny_patch16_224", num_classes=10).state_dict(), tmp_path / "tiny.pth")
+    _api_error(lambda: create_model("deit_small_patch16_224", weights=tmp_path / "tiny.pth"), "deit_small_patch16_224",
+               "do not fit")
+
+
+def test_loading_a_checkpoint_with_a_bad_step_names_the_quantizer(inputs):
+    _api_error(lambda: load_checkpoint(inputs["step_inf"]), "blocks.0.mlp.fc1.input_quantizer", "inf")
+
+
+def test_the_timm_way(photos_224, tmp_path):
+    """timm.create_model -> quantize -> calibrate -> save_checkpoint -> load_checkpoint: the same logits."""
+    import timm
+
+    for name, kwargs, x in (("deit_tiny_patch16_224", {"num_classes": 10}, photos_224[:4]),
+                            ("swin_tiny_patch4_window7_224", {}, photos_224[:2]),
+                            ("deit_tiny_patch16_224", {"num_classes": 10, "img_size": 28, "in_chans": 1,
+                                                       "patch_size": 4, "embed_dim": 128, "depth": 2, "num_heads": 4},
+                             torch.randn(4, 1, 28, 28))):
+        torch.manual_seed(0)
+        model = timm.create_model(name, **kwargs).eval()
+        qm = calibrate(quantize(model, QuantConfig(w_bits=4, a_bits=4)), [x], irm_steps=2, progress=False)
+        path = save_checkpoint(tmp_path / "m.pt", qm)
+        loaded = load_checkpoint(path)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), qm(x)), name
+        assert loaded.qvit_source["name"] == name
+
+
+def _disk_limit(limit_bytes: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+def test_full_disk_during_export_is_one_line(out, inputs):
+    """A real write failure (a file size limit: EFBIG from the kernel, as ENOSPC would be) while the ONNX is
+    written: one line naming the output, the good set untouched, nothing staged left."""
+    before = snapshot(out)
+    p = child("qvit-export", ["--ckpt", inputs["ckpt"], "--onnx", out / "m.onnx", "--no-parity"],
+              preexec_fn=_disk_limit(100_000))
+    stderr = finish(p)
+    assert_one_line(p.returncode, stderr, 2, "cannot write", str(out / "m.onnx"), "too large")
+    assert_untouched(out, before)
+
+
+def test_full_disk_during_save_checkpoint_is_one_line(tmp_path, inputs):
+    code = ("import sys, qvit_export as q\n"
+            "m = q.load_checkpoint(sys.argv[1])\n"
+            "try:\n    q.save_checkpoint(sys.argv[2], m)\n"
+            "except q.QvitError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(inputs["ckpt"]), str(tmp_path / "m.pt")], capture_output=True,
+                       text=True, preexec_fn=_disk_limit(50_000), timeout=600)
+    lines = message_lines(p.stderr)
+    assert p.returncode == 2 and len(lines) == 1 and "cannot write" in lines[0], p.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_export_to_the_same_outputs_refuses(out, inputs):
+    lock = out / ".m.onnx.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running export holds
+        before = snapshot(out)
+        code, stderr = invoke("qvit-export", ["--ckpt", inputs["ckpt"], "--onnx", out / "m.onnx", "--no-parity"])
+        assert_one_line(code, stderr, 2, "another run is writing", "m.onnx")
+        assert_untouched(out, before)
+    finally:
+        os.close(fd)
+        lock.unlink()
+
+
+# ---- signals -----------------------------------------------------------------------------------------
+
+def _wait_for(p: subprocess.Popen, marker: str, stream: str, timeout: float = 300) -> str:
+    """Read the child's ``stream`` until ``marker`` shows (stdout lines, or stderr text with progress bars)."""
+    import selectors
+
+    pipe = p.stdout if stream == "stdout" else p.stderr
+    os.set_blocking(pipe.fileno(), False)
+    seen = ""
+    sel = selectors.DefaultSelector()
+    sel.register(pipe, selectors.EVENT_READ)
+    end = time.monotonic() + timeout
+    while marker not in seen:
+        assert time.monotonic() < end and p.poll() is None, f"never saw {marker!r}: {seen[-2000:]}"
+        if sel.select(timeout=1):
+            seen += (pipe.read() or b"").decode(errors="replace")
+    return seen
+
+
+SIGNAL_CASES = [  # (stage, marker, stream, checkpoint, extra arguments)
+    ("onnx-export", "exporting", "stdout", "rgb", ["--no-parity"]),
+    ("parity", "parity:", "stderr", "ckpt", ["--parity-images", 10000]),
+    ("engine-build", "TensorRT:", "stderr", "rgb", ["--no-parity"]),
+]
+
+
+@pytest.fixture(scope="module")
+def library_temp_files(tmp_path_factory) -> set[str]:
+    """What importing our libraries leaves in the temp folder by itself (measured: ONNX Runtime's '.ses' id
+    file, torch's 'torchinductor_<user>' cache folder): not files of ours, and there after any run."""
+    scratch = tmp_path_factory.mktemp("import_tmpdir")
+    subprocess.run([sys.executable, "-c", "import qvit_export.cli, qvit_export.parity, qvit_export.engine, "
+                    "onnxruntime, onnxsim, tensorrt_rtx_bindings"], check=True, env=os.environ | {"TMPDIR": str(scratch)})
+    return {p.name for p in scratch.iterdir()}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("stage", SIGNAL_CASES, ids=[c[0] for c in SIGNAL_CASES])
+def test_signal(stage, signum, out, inputs, tmp_path, library_temp_files):
+    name, marker, stream, ckpt, extra = stage
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    before = snapshot(out)
+    p = child("qvit-export", ["--ckpt", inputs[ckpt], "--engine", out / "m.plan", *RTX, *extra],
+              env=os.environ | {"TMPDIR": str(scratch)})
+    seen = _wait_for(p, marker, stream)
+    time.sleep(0.3)
+    p.send_signal(signum)
+    stderr = (seen if stream == "stderr" else "") + finish(p)  # all of it: what the wait read too
+    expected = {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
+    assert_one_line(p.returncode, stderr, expected, signum.name)
+    assert_untouched(out, before)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert {p.name for p in scratch.iterdir()} <= library_temp_files
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_run(out, inputs):
+    p = child("qvit-export", ["--ckpt", inputs["rgb"], "--engine", out / "m.plan", *RTX, "--no-parity"])
+    _wait_for(p, "TensorRT:", "stderr")
+    p.kill()
+    finish(p)
+    left = sorted(q.name for q in out.iterdir() if q.name.startswith("."))
+    assert any(n.startswith(".m.onnx.") and n.endswith(".tmp") for n in left), left  # what SIGKILL leaves
+    code, stderr = invoke("qvit-export", ["--ckpt", inputs["ckpt"], "--engine", out / "m.plan", *RTX, "--no-parity"])
+    assert code == 0, stderr
+    assert not [q.name for q in out.iterdir() if q.name.startswith(".")]
+    assert sorted(snapshot(out)) == ["m.build.json", "m.onnx", "m.plan"]
