@@ -24,8 +24,6 @@ _pending: list[int] = []
 
 
 def _raise(signum, frame):
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
     raise Terminated(signum)
 
 
@@ -34,9 +32,10 @@ def _record(signum, frame):
 
 
 def install() -> None:
-    """Make SIGTERM raise ``Terminated`` (SIGINT raises KeyboardInterrupt already); for the commands."""
-    signal.signal(signal.SIGTERM, _raise)
-    signal.signal(signal.SIGINT, _raise)
+    """Make SIGTERM raise ``Terminated`` (SIGINT raises KeyboardInterrupt already); for the commands. A signal
+    the parent set to be ignored (``nohup``, background jobs) stays ignored."""
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise)
 
 
 def pending() -> bool:
@@ -50,7 +49,7 @@ def deferred():
     if threading.current_thread() is not threading.main_thread():
         yield  # only the main thread receives signals
         return
-    previous = {s: signal.signal(s, _record) for s in EXIT_CODES}
+    previous = {s: signal.signal(s, _record) for s in EXIT_CODES if signal.getsignal(s) != signal.SIG_IGN}
     try:
         yield
     finally:
