@@ -13,28 +13,33 @@ from pathlib import Path
 
 from .errors import QvitError
 
-_WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-        errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
-        errno.EFBIG: "file too large for this file system or process limit", errno.EIO: "input/output error"}
+_WHY = {errno.ENOSPC: ("the disk is full", "free space"), errno.EDQUOT: ("the disk quota is exceeded", "free space"),
+        errno.EFBIG: ("the file is too large for this file system or process limit", "write elsewhere"),
+        errno.EACCES: ("permission denied", "choose a writable output path"),
+        errno.EPERM: ("permission denied", "choose a writable output path"),
+        errno.EROFS: ("read-only file system", "choose a writable output path"),
+        errno.ENOENT: ("a file or folder was removed while it was written", "run again"),
+        errno.EIO: ("input/output error", "check the disk")}
+_RANDOM = "[a-z0-9_]" * 8  # tempfile.mkstemp's random part: 8 of these characters, never a dot
 
 
 def temp_pattern(path: Path) -> str:
-    """The glob of the temporary files written for ``path`` (in its folder)."""
-    return f".{glob_escape(path.name)}.*.tmp"
+    """The glob of the temporary files written for ``path`` (in its folder), and of no other file's."""
+    return f".{glob_escape(path.name)}.{_RANDOM}.tmp"
 
 
 def glob_escape(name: str) -> str:
+    """``name`` as a glob that matches only itself."""
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def io_error(path, exc: BaseException) -> QvitError:
     """One line for a failed write of ``path``: what the system said and what to do."""
     if isinstance(exc, OSError):
-        why = _WHY.get(exc.errno, exc.strerror or type(exc).__name__)
+        why, todo = _WHY.get(exc.errno, (exc.strerror or type(exc).__name__, "choose another output path"))
     else:  # torch.save reports a failed write as RuntimeError("... file write failed") and loses errno
-        why = "the write failed (is the disk full?)"
-    return QvitError(f"cannot write {path}: {why}; free space or choose a writable output path (nothing was "
-                     "replaced)")
+        why, todo = "the write failed (is the disk full?)", "free space or choose another output path"
+    return QvitError(f"cannot write {path}: {why}; {todo} (nothing was replaced)")
 
 
 def is_write_failure(exc: BaseException) -> bool:

@@ -18,18 +18,29 @@ def _run(main, argv) -> int:
     """Run a command: one line and exit 2 for bad input, 130/143 for SIGINT/SIGTERM (interrupts.py)."""
     from . import interrupts
 
+    from .transaction import COMMITTED
+
     interrupts.install()
+    COMMITTED.clear()
     try:
         return main(argv)
     except QvitError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted (SIGINT): stopped; files being written were discarded", file=sys.stderr)
-        return 130
-    except interrupts.Terminated:
-        print("terminated (SIGTERM): stopped; files being written were discarded", file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, interrupts.Terminated) as e:
+        what = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
+        done = (f"after writing {', '.join(map(str, COMMITTED))}" if COMMITTED
+                else "files being written were discarded, earlier ones left as they were")
+        print(f"{what}: stopped; {done}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
+
+
+def _one_line(message: str) -> str:
+    """A QvitError raised in a DataLoader worker comes back wrapped in the worker's traceback: its last line."""
+    if "\n" not in message:
+        return message
+    last = [ln for ln in message.splitlines() if ln.strip()][-1]
+    return last.split("QvitError: ", 1)[-1]
 
 
 def _batch_triple(text: str) -> tuple[int, int, int]:
@@ -74,7 +85,8 @@ def _float_in(lo: float, hi: float | None = None, low_open: bool = False):
 
 def _compute_capability(text: str) -> str:
     if not re.fullmatch(r"sm\d{2,3}", text.lower()):
-        raise argparse.ArgumentTypeError(f"{text!r}: give a compute capability such as sm89 (sm75 to sm120)")
+        raise argparse.ArgumentTypeError(f"{text!r}: give a compute capability such as sm89 (the TensorRT-RTX "
+                                         "library decides which it can target)")
     return text.lower()
 
 
@@ -321,9 +333,9 @@ def report_main(argv=None) -> int:
     from .report import report
 
     if args.json:
-        from .transaction import OutputSet
+        from .transaction import check_paths
 
-        OutputSet({"--json": args.json}, {"--ckpt": args.ckpt})  # refuses, before any work, an input as output
+        check_paths({"--json": args.json}, {"--ckpt": args.ckpt})
     if args.ckpt:
         from .checkpoint import load_checkpoint
 
@@ -390,10 +402,10 @@ def eval_main(argv=None) -> int:
     if args.model_ckpt and args.ckpt:
         raise QvitError("--model-ckpt is for --onnx/--engine: with --ckpt, drop it")
     if args.json:
-        from .transaction import OutputSet
+        from .transaction import check_paths
 
-        OutputSet({"--json": args.json}, {"--ckpt": args.ckpt, "--onnx": args.onnx, "--engine": args.engine,
-                                          "--model-ckpt": args.model_ckpt})  # refuses, before any work, an input as output
+        check_paths({"--json": args.json}, {"--ckpt": args.ckpt, "--onnx": args.onnx, "--engine": args.engine,
+                                            "--model-ckpt": args.model_ckpt})
     dataset = evaluation_dataset(args.data, reference)
     if args.limit:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))

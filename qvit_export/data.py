@@ -99,7 +99,7 @@ class FolderImages(torch.utils.data.Dataset):
         try:
             with Image.open(path) as image:
                 image = image.convert(self.mode)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise QvitError(f"cannot read image {path} ({str(e).splitlines()[0][:120] or type(e).__name__}): "
                             "remove or replace it") from None
         return (self.transform(image) if self.transform is not None else image), target

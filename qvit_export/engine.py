@@ -233,11 +233,14 @@ def build_plan(onnx_path, target: str = "auto", compute_capability: str | None =
 
     import onnx
 
+    from .onnx_export import file_sha256
+
     onnx_model = onnx.load(str(onnx_path), load_external_data=False)
     meta = {p.key: p.value for p in onnx_model.metadata_props}
     report = {
         "library": library, "version": trt.__version__, "typing": "weak (INT8+FP16 flags)" if weakly_typed else "strong",
         "target": compute_capability or "this machine's GPU", "onnx": str(onnx_name or onnx_path),
+        "onnx_sha256": file_sha256(onnx_path),  # which ONNX this plan was built from, should the ONNX be replaced
         "precision": meta.get("precision"), "dtype": meta.get("dtype"), "batch": {"min": lo, "opt": opt, "max": hi},
         "plan": str(plan_name) if plan_name else None, "plan_bytes": len(plan), "build_seconds": round(seconds, 3),
         **layer_summary(trt, network),

@@ -264,9 +264,9 @@ def stage_export(out, model: nn.Module, images: torch.Tensor | None, options=Non
     failures = report.failures(min_top1, min_codes, max_lsb)
     if failures:
         evidence = write_report(report, failed_report_path(report_path))
-        raise QvitError(f"parity below thresholds ({failures[0]}; {len(failures)} in all, see {evidence}): nothing "
-                        "was written; look for a damaged checkpoint or calibration, or loosen --min-top1-agreement/"
-                        "--min-code-match/--max-lsb if the figures are acceptable")
+        raise QvitError(f"parity below thresholds ({failures[0]}; {len(failures)} in all, evidence in {evidence}): "
+                        "the ONNX and its report were not written; look for a damaged checkpoint or calibration, or "
+                        "loosen --min-top1-agreement/--min-code-match/--max-lsb if the figures are acceptable")
     try:
         out.stage(report_label).write_text(report.to_json())
     except OSError as e:

@@ -64,12 +64,38 @@ def describe_model(model: nn.Module) -> dict:
                         "qvit_export.create_model, or pass model_name= and model_kwargs= to save_checkpoint")
     import torch
 
+    from .onnx_export import input_shape
+    from .quantize import quantize, quantizers_disabled
+
     with torch.device("meta"):
         default = _architecture_kwargs(timm.create_model(name))
-        kwargs = {k: v for k, v in _architecture_kwargs(model).items() if v != default.get(k)}
-        rebuilt = timm.create_model(name, **kwargs).state_dict()
+    kwargs = {k: v for k, v in _architecture_kwargs(model).items() if v != default.get(k)}
+    # Rebuild it as load_checkpoint will, and compare: the same keys and shapes, the same logits (quantizers
+    # off, so an uncalibrated model can be saved too); options that leave no trace in the shapes (pooling, fc_norm,
+    # activation) show up in the logits.
+    rebuilt = timm.create_model(name, **kwargs)
+    cfg = getattr(model, "qvit_config", None)
+    if cfg is not None:
+        rebuilt = quantize(rebuilt, cfg, inplace=True)
     own = model.state_dict()
-    if any(k not in own or tuple(own[k].shape) != tuple(v.shape) for k, v in rebuilt.items()):
-        raise QvitError(f"cannot rebuild this {name} from its arguments {kwargs}: pass model_name= and "
-                        "model_kwargs= (the timm.create_model arguments you used) to save_checkpoint")
+    refuse = QvitError(f"cannot tell how this {name} was built (rebuilt from {kwargs} it differs): pass model_name= "
+                       "and model_kwargs= (the timm.create_model arguments you used) to save_checkpoint")
+    if set(own) != set(rebuilt.state_dict()):
+        raise refuse
+    try:
+        rebuilt.load_state_dict(own)
+    except RuntimeError:
+        raise refuse from None
+    device = next(model.parameters()).device
+    x = torch.randn(2, *input_shape(model), generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    model.eval()
+    rebuilt.to(device).eval()
+    try:
+        with torch.no_grad(), quantizers_disabled(model), quantizers_disabled(rebuilt):
+            same = torch.equal(model(x), rebuilt(x))
+    finally:
+        model.train(was_training)
+    if not same:
+        raise refuse
     return {"name": name, "kwargs": kwargs}

@@ -33,6 +33,14 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def check_paths(outputs: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
+    """Refuse, before any work, outputs that coincide with each other or with an input (one-file commands)."""
+    OutputSet(outputs, inputs)
+
+
+COMMITTED: list[Path] = []  # every output this process has put in place, for the message of a late signal
+
+
 class OutputSet:
     """``outputs``: {label: path} written by the run (labels are the command's flag names, used in messages);
     ``inputs``: {label: path} read by it; ``removes``: files deleted at commit because the new set makes them
@@ -60,7 +68,8 @@ class OutputSet:
             for other, in_path in self.inputs.items():
                 if _same_file(path, in_path):
                     raise QvitError(f"{label} {path} would overwrite the input {other}: choose another output path")
-        self.removes = [p for p in self.removes if not any(_same_file(p, o) for o in self.outputs.values())]
+        keep = [*self.outputs.values(), *self.inputs.values()]  # never remove what the run writes or reads
+        self.removes = [p for p in self.removes if not any(_same_file(p, k) for k in keep)]
 
     # ---- locking -------------------------------------------------------------------------------------
 
@@ -123,11 +132,12 @@ class OutputSet:
             self._unlock()
 
     def _abort(self) -> None:
-        for tmp in self.staged.values():
-            tmp.unlink(missing_ok=True)
-        self.staged.clear()
-        self._unlock()
-        remove_empty(self._created)
+        with interrupts.deferred():  # a second Ctrl-C must not leave staged files behind
+            for tmp in self.staged.values():
+                tmp.unlink(missing_ok=True)
+            self.staged.clear()
+            self._unlock()
+            remove_empty(self._created)
 
     def commit(self) -> None:
         """Put every staged file in place, all of them or none."""
@@ -158,6 +168,7 @@ class OutputSet:
                             path.unlink(missing_ok=True)
                     raise io_error(current, e) from None
                 self.committed = True
+                COMMITTED.extend(self.outputs.values())
                 self.staged.clear()
             finally:
                 for backup in backups.values():
@@ -178,5 +189,9 @@ class OutputSet:
         except OSError:  # a file system without hard links: a copy does the same job
             import shutil
 
-            shutil.copy2(path, backup)
+            try:
+                shutil.copy2(path, backup)
+            except OSError as e:
+                backup.unlink(missing_ok=True)
+                raise io_error(path, e) from None
         return backup

@@ -83,10 +83,11 @@ def child(tool: str, args: list, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, **kw)
 
 
-def finish(p: subprocess.Popen, timeout: float = 600) -> str:
-    """Wait for the child; its stderr as text."""
-    _, err = p.communicate(timeout=timeout)
-    return err.decode(errors="replace")
+def finish(p: subprocess.Popen, timeout: float = 600, both: bool = False):
+    """Wait for the child; its stderr as text (or stdout and stderr)."""
+    out, err = p.communicate(timeout=timeout)
+    out, err = out.decode(errors="replace"), err.decode(errors="replace")
+    return (out, err) if both else err
 
 
 # ---- fixtures --------------------------------------------------------------------------------------
@@ -146,6 +147,9 @@ def inputs(fmnist_w4a4_ckpt, fmnist_teacher, fmnist_calibration, photos_224, tmp
     for i in range(12):
         (junk / f"img{i}.png").write_bytes(b"this is not a PNG file")
     paths["junk"] = folder / "junk"
+    for split in ("train", "val"):
+        shutil.copytree(junk, folder / "junk_split" / split / "class_a")
+    paths["junk_split"] = folder / "junk_split"
     run_dir = folder / "run"
     run_dir.mkdir()
     (run_dir / "last.pt").write_bytes(b"a run")
@@ -278,7 +282,18 @@ def _fill(arg, out: Path, inputs: dict) -> str:
     return text
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def _has_tensorrt() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+MACHINE = {"eval-engine-without-gpu": (torch.cuda.is_available(), "a CUDA GPU is here"),
+           "tensorrt-missing": (_has_tensorrt(), "NVIDIA TensorRT is installed here")}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=pytest.mark.skipif(MACHINE[c[0]][0], reason=MACHINE[c[0]][1]) if c[0] in MACHINE
+                                               else ()) for c in CASES])
 def test_command_fault(case, out, inputs):
     name, tool, argv, expected, needles, *evidence = case
     argv = [_fill(a, out, inputs) for a in argv]
@@ -293,14 +308,35 @@ def test_command_fault(case, out, inputs):
 
 def test_a_successful_export_replaces_the_whole_set_and_clears_old_evidence(out, inputs):
     (out / "m.parity.failed.json").write_text("{}")
+    (out / "m.build.failed.json").write_text("{}")
     before = snapshot(out)
-    code, stderr = invoke("qvit-export", ["--ckpt", inputs["ckpt"], "--onnx", out / "m.onnx", "--no-parity"])
+    code, stderr = invoke("qvit-export", ["--ckpt", inputs["ckpt"], "--engine", out / "m.plan", *RTX,
+                                          "--precision", "int4", "--parity-images", 300])
     assert code == 0, stderr
     after = snapshot(out)
-    # --no-parity: the old report described another ONNX, so it goes with the old evidence
-    assert sorted(after) == ["m.build.json", "m.onnx", "m.plan"]
-    assert after["m.onnx"] == before["m.onnx"]  # exports are byte-identical: the same checkpoint, the same file
+    assert sorted(after) == ["m.build.json", "m.onnx", "m.parity.json", "m.plan"]  # old evidence gone
+    assert all(after[k] != before[k] for k in after), "every file of the set is the new run's"
     assert not list(out.glob(".*"))
+    import json
+
+    from qvit_export.onnx_export import file_sha256
+
+    build = json.loads((out / "m.build.json").read_text())
+    assert build["precision"] == "int4" and build["onnx_sha256"] == file_sha256(out / "m.onnx")
+    assert json.loads((out / "m.parity.json").read_text())["images"] == 300
+    # --no-parity: the old report would describe another ONNX, so it goes; the plan stays (its build report
+    # names the ONNX it was built from by SHA-256)
+    code, stderr = invoke("qvit-export", ["--ckpt", inputs["ckpt"], "--onnx", out / "m.onnx", "--no-parity"])
+    assert code == 0, stderr
+    assert sorted(snapshot(out)) == ["m.build.json", "m.onnx", "m.plan"]
+    assert snapshot(out)["m.onnx"] == before["m.onnx"]  # the int8 export again: byte-identical to the first
+
+
+def test_unreadable_training_image_is_one_line_from_a_loader_worker(inputs, tmp_path):
+    """qvit-train reads images in DataLoader worker processes, which wrap an error in their own traceback."""
+    code, stderr = invoke("qvit-train", ["--recipe", "demo_fp", "--data", inputs["junk_split"], "--set", "workers=2",
+                                         "--batch-size", 4, "--out", tmp_path / "run", "--no-progress"])
+    assert_one_line(code, stderr, 2, "cannot read image", "img")
 
 
 # ---- the API ---------------------------------------------------------------------------------------
@@ -467,7 +503,10 @@ def test_signal(stage, signum, out, inputs, tmp_path, library_temp_files):
     seen = _wait_for(p, marker, stream)
     time.sleep(0.3)
     p.send_signal(signum)
-    stderr = (seen if stream == "stderr" else "") + finish(p)  # all of it: what the wait read too
+    stdout, stderr = finish(p, both=True)
+    stdout, stderr = (seen + stdout, stderr) if stream == "stdout" else (stdout, seen + stderr)  # all of it
+    # the stage that was running when the signal came never finished
+    assert ("built " if name == "engine-build" else "ONNX ready") not in stdout, stdout
     expected = {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
     assert_one_line(p.returncode, stderr, expected, signum.name)
     assert_untouched(out, before)
