@@ -356,14 +356,23 @@ class Trainer:
         write_text(self.out / "metrics.csv", buffer.getvalue())
 
 
+RUN_FILES = ("recipe.yaml", "last.pt", "best.pt", "metrics.csv", "curves.png")  # what a run writes in its folder
+
+
 def train(recipe: dict, out, resume: dict | None = None, progress: bool = True) -> dict:
     """Run (or resume, from ``read_resume(last.pt)``) one training run; returns the best epoch's row and the
     history."""
-    trainer = Trainer(recipe, Path(out), resume, progress)
-    try:
-        return trainer.run()
-    finally:
-        trainer.procs.close()
+    from .transaction import locked_outputs
+
+    out = Path(out)
+    files = {f"run file {name}": out / name for name in RUN_FILES}
+    # rank 0 writes every file: it alone locks them (a second run to the same folder refuses at once)
+    with locked_outputs(files) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        trainer = Trainer(recipe, out, resume, progress)
+        try:
+            return trainer.run()
+        finally:
+            trainer.procs.close()
 
 
 def finished_run(out: Path, recipe: dict) -> Path | None:

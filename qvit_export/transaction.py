@@ -41,6 +41,21 @@ def check_paths(outputs: dict[str, Path | None], inputs: dict[str, Path | None])
 COMMITTED: list[Path] = []  # every output this process has put in place, for the message of a late signal
 
 
+@contextlib.contextmanager
+def locked_outputs(outputs: dict[str, Path]):
+    """Hold the locks of files a run writes one by one (atomically each, e.g. a training run's checkpoints),
+    after removing the temporary files a killed run left for them; a second run to the same files refuses."""
+    out = OutputSet(outputs)
+    try:
+        for label, path in sorted(out.outputs.items(), key=lambda kv: os.path.realpath(kv[1])):
+            out._created += make_parents(path)
+            out._lock(path, label)
+        out._remove_stale()
+        yield
+    finally:
+        out._unlock()
+
+
 class OutputSet:
     """``outputs``: {label: path} written by the run (labels are the command's flag names, used in messages);
     ``inputs``: {label: path} read by it; ``removes``: files deleted at commit because the new set makes them
@@ -110,16 +125,20 @@ class OutputSet:
             for label, path in sorted(self.outputs.items(), key=lambda kv: os.path.realpath(kv[1])):
                 self._created += make_parents(path)
                 self._lock(path, label)
-            for path in self.outputs.values():  # left by a killed run: nobody else holds these outputs
-                for stale in path.parent.glob(temp_pattern(path)):
-                    with contextlib.suppress(OSError):
-                        stale.unlink()
+            self._remove_stale()
             for label, path in self.outputs.items():
                 self.staged[label] = temp_beside(path)
         except BaseException:
             self._abort()
             raise
         return self
+
+    def _remove_stale(self) -> None:
+        """Temporary files a killed run left for these outputs: nobody else can be writing them (we hold the locks)."""
+        for path in self.outputs.values():
+            for stale in path.parent.glob(temp_pattern(path)):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
 
     def stage(self, label: str) -> Path:
         """The temporary file that becomes output ``label`` at commit."""

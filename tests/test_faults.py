@@ -455,6 +455,27 @@ def test_a_second_export_to_the_same_outputs_refuses(out, inputs):
         lock.unlink()
 
 
+def test_a_training_run_folder_is_locked_and_cleaned(tmp_path):
+    """qvit-train locks the files of its run folder, and removes what a killed run left there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = run / ".last.pt.abcd1234.tmp"  # what a SIGKILL during a checkpoint write leaves
+    stale.write_bytes(b"half a checkpoint")
+    argv = ["--recipe", "demo_fp", "--out", run, "--epochs", 1, "--batch-size", 32, "--set", "train_limit=64",
+            "--set", "val_limit=64", "--no-progress"]
+    fd = os.open(run / ".last.pt.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running training holds
+        code, stderr = invoke("qvit-train", argv)
+        assert_one_line(code, stderr, 2, "another run is writing", "last.pt")
+        assert stale.exists()  # not ours to remove while another run holds the folder
+    finally:
+        os.close(fd)
+    code, stderr = invoke("qvit-train", argv)
+    assert code == 0, stderr
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt", "curves.png", "last.pt", "metrics.csv", "recipe.yaml"]
+
+
 # ---- signals -----------------------------------------------------------------------------------------
 
 def _wait_for(p: subprocess.Popen, marker: str, stream: str, timeout: float = 300) -> str:
