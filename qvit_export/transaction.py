@@ -54,6 +54,7 @@ def locked_outputs(outputs: dict[str, Path]):
         yield
     finally:
         out._unlock()
+        remove_empty(out._created)  # a run that failed before writing leaves no folder behind
 
 
 class OutputSet:
