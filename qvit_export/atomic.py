@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -25,12 +26,14 @@ _RANDOM = "[a-z0-9_]" * 8  # tempfile.mkstemp's random part: 8 of these characte
 
 def temp_pattern(path: Path) -> str:
     """The glob of the temporary files written for ``path`` (in its folder), and of no other file's."""
-    return f".{glob_escape(path.name)}.{_RANDOM}.tmp"
+    return f".{glob.escape(path.name)}.{_RANDOM}.tmp"
 
 
-def glob_escape(name: str) -> str:
-    """``name`` as a glob that matches only itself."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+def evidence_path(report_path) -> Path:
+    """Where a failed run puts its report: ``x.parity.json`` -> ``x.parity.failed.json``, never over the report
+    of the output still in place."""
+    report_path = Path(report_path)
+    return report_path.with_name(report_path.name.removesuffix(".json") + ".failed.json")
 
 
 def io_error(path, exc: BaseException) -> QvitError:

@@ -106,7 +106,7 @@ def input_batches(model: nn.Module, data) -> list[torch.Tensor]:
         seen = [(b[0] if isinstance(b, (tuple, list)) else b) for b in data]
     else:
         raise QvitError("calibrate needs batches of images (a tensor, a list or a DataLoader) or a forward_loop(model)")
-    from .onnx_export import input_shape
+    from .timm_models import input_shape
 
     expected = input_shape(model)
     want = f"[batch, {', '.join(map(str, expected))}]"

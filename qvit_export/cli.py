@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ def _run(main, argv) -> int:
         done = (f"after writing {', '.join(map(str, COMMITTED))}" if COMMITTED
                 else "files being written were discarded, earlier ones left as they were")
         print(f"{what}: stopped; {done}", file=sys.stderr)
-        return 130 if isinstance(e, KeyboardInterrupt) else 143
+        return interrupts.EXIT_CODES[signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM]
 
 
 def _one_line(message: str) -> str:
@@ -69,16 +70,15 @@ def _int_in(lo: int, hi: int | None = None):
     return parse
 
 
-def _float_in(lo: float, hi: float | None = None, low_open: bool = False):
-    """An argparse type: a finite number in [lo, hi] (or (lo, hi] when ``low_open``)."""
+def _float_in(lo: float, hi: float):
+    """An argparse type: a finite number in [lo, hi]."""
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value) or value < lo or (low_open and value == lo) or (hi is not None and value > hi):
-            bound = f"{'more than' if low_open else 'at least'} {lo:g}" + (f" and at most {hi:g}" if hi is not None else "")
-            raise argparse.ArgumentTypeError(f"{text} is out of range: give a finite number {bound}")
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a finite number from {lo:g} to {hi:g}")
         return value
     return parse
 
@@ -153,8 +153,9 @@ def _default_onnx(args) -> Path:
 def _export_plan(args) -> tuple[dict, dict, list]:
     """(outputs, inputs, files to remove at commit) of one qvit-export run, by flag name; engine-only options
     without --engine are refused here, before any work."""
-    from .engine import default_report_path, failed_report_path as failed_build
-    from .parity import default_report_path as default_parity, failed_report_path as failed_parity
+    from .atomic import evidence_path
+    from .engine import default_report_path
+    from .parity import default_report_path as default_parity
 
     if not args.engine:
         given = [flag for flag, value in (("--compute-capability", args.compute_capability), ("--batch", args.batch),
@@ -169,26 +170,23 @@ def _export_plan(args) -> tuple[dict, dict, list]:
     onnx_path = _default_onnx(args)
     parity = Path(args.parity_report) if args.parity_report else default_parity(onnx_path)
     outputs = {"--onnx": onnx_path, "--parity-report": None if args.no_parity else parity}
-    removes = [failed_parity(parity)] + ([parity] if args.no_parity else [])  # a report of an ONNX no longer there
+    removes = [evidence_path(parity)] + ([parity] if args.no_parity else [])  # a report of an ONNX no longer there
     if args.engine:
         report = default_report_path(args.engine)
         outputs |= {"--engine": Path(args.engine), "build report": report}
-        removes.append(failed_build(report))
+        removes.append(evidence_path(report))
     inputs = {"--ckpt": Path(args.ckpt), "--parity-data": Path(args.parity_data)
-              if args.parity_data not in ("auto", "photos", "fashion-mnist") else None,
-              "--timing-cache": Path(args.timing_cache) if args.timing_cache else None}
+              if args.parity_data not in ("auto", "photos", "fashion-mnist") else None}
     return outputs, inputs, removes
 
 
 def export_main(argv=None) -> int:
     args = export_parser().parse_args(argv)
-    from .checkpoint import load_checkpoint, read_checkpoint
+    from .checkpoint import model_from_checkpoint, read_checkpoint
     from .onnx_export import ExportOptions, file_sha256
     from .transaction import OutputSet
 
     outputs, inputs, removes = _export_plan(args)
-    if args.timing_cache:  # read and updated by TensorRT: an output of the set when TensorRT uses it
-        inputs.pop("--timing-cache")
     options = ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset, int4_block=args.int4_block,
                             dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm)
     opset = options.resolved_opset()
@@ -197,14 +195,14 @@ def export_main(argv=None) -> int:
         from .engine import check_build_options
 
         _, library = check_build_options(args.target, args.compute_capability, batch)
-        if args.timing_cache and library == "tensorrt":
+        if args.timing_cache and library == "tensorrt":  # read and updated: an output of the set
             outputs["--timing-cache"] = Path(args.timing_cache)
     ckpt_path = Path(args.ckpt)
     with OutputSet(outputs, inputs, removes) as out:
         ckpt = read_checkpoint(ckpt_path)
         if ckpt["quant"] is None:
             raise QvitError(f"{ckpt_path} holds a float model: quantize and calibrate (or train) it before export")
-        model = load_checkpoint(ckpt_path)
+        model = model_from_checkpoint(ckpt, ckpt_path)  # one read of the file
         metadata = {"checkpoint_sha256": file_sha256(ckpt_path), "checkpoint": ckpt_path.name, "model": ckpt["model"],
                     "recipe": ckpt["extra"].get("recipe", {"quant": ckpt["quant"]}), "metrics": ckpt.get("metrics", {})}
         images = what = None
@@ -247,7 +245,7 @@ def export_main(argv=None) -> int:
                                  onnx_name=outputs["--onnx"], target=args.target,
                                  compute_capability=args.compute_capability, batch=batch,
                                  workspace_mib=args.workspace, allow_float_gemms=args.allow_float_gemms,
-                                 timing_cache_requested=args.timing_cache)
+                                 timing_cache=args.timing_cache)
         else:
             out.commit()
     print(f"wrote {outputs['--onnx']}" + (f" and {outputs['--parity-report']}" if report is not None else ""))
@@ -350,7 +348,9 @@ def report_main(argv=None) -> int:
         if (w_bits is None) != (a_bits is None):
             raise QvitError("give both weight and activation bits (--bits, or --w-bits and --a-bits)")
         model, name = create_model(args.model), args.model
-        if not hasattr(model, "patch_embed") or not hasattr(model.patch_embed, "proj"):
+        from .quantize import SUPPORTED_MODELS
+
+        if not isinstance(model, SUPPORTED_MODELS):
             raise QvitError(f"--model {name} is not a vision transformer qvit-export supports: pick a DeiT/ViT or "
                             "Swin name (timm.list_models('deit*'), ('vit*'), ('swin*'))")
         cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits) if w_bits else None

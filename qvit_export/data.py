@@ -120,7 +120,7 @@ def folder_dataset(folder: Path, transform, mode: str = "RGB") -> FolderImages:
 
 def image_mode(model) -> str:
     """PIL mode of the model's input images: grey for one channel, RGB for three."""
-    from .onnx_export import input_shape
+    from .timm_models import input_shape
 
     channels = input_shape(model)[0]
     if channels not in (1, 3):

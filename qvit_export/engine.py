@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from .atomic import write_text
+from .atomic import evidence_path, write_text
 from .errors import QvitError
 
 TARGETS = ("auto", "tensorrt", "tensorrt-rtx")
@@ -255,19 +255,13 @@ def build_plan(onnx_path, target: str = "auto", compute_capability: str | None =
     return plan, report, cache_bytes
 
 
-def failed_report_path(report_path) -> Path:
-    """Where a failed run puts its evidence: ``x.build.json`` -> ``x.build.failed.json``."""
-    report_path = Path(report_path)
-    return report_path.with_name(report_path.name.removesuffix(".json") + ".failed.json")
-
-
 def check_float_gemms(report: dict, report_path, allow_float_gemms: bool) -> None:
     """Refuse an engine that runs a quantized layer as a float GEMM; the evidence goes to ``*.failed.json``."""
     from .anatomy import float_gemm_layers
 
     floats = float_gemm_layers(report["anatomy"]) if "summary" in report["anatomy"] else []
     if floats and not allow_float_gemms:
-        evidence = failed_report_path(report_path)
+        evidence = evidence_path(report_path)
         write_text(evidence, json.dumps(report, indent=2, sort_keys=True))
         names = ", ".join(e["layer"] for e in floats[:3]) + (f" and {len(floats) - 3} more" if len(floats) > 3 else "")
         raise QvitError(f"TensorRT runs quantized layer(s) {names} as float GEMMs ({floats[0]['kernel']}: inputs "
@@ -276,6 +270,7 @@ def check_float_gemms(report: dict, report_path, allow_float_gemms: bool) -> Non
 
 
 def default_report_path(plan_path) -> Path:
+    """``x.plan`` -> ``x.build.json``."""
     return Path(plan_path).with_suffix(".build.json")
 
 
@@ -295,39 +290,30 @@ def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability:
     report_path = Path(report_path) if report_path else default_report_path(plan_path)
     cache = Path(timing_cache) if timing_cache and library == "tensorrt" else None  # TensorRT-RTX keeps none
     outputs = {"plan": plan_path, "build report": report_path, "timing cache": cache}
-    with OutputSet(outputs, inputs={"onnx": Path(onnx_path)}, removes=[failed_report_path(report_path)]) as out:
+    with OutputSet(outputs, inputs={"onnx": Path(onnx_path)}, removes=[evidence_path(report_path)]) as out:
         return write_engine(out, onnx_path, target=target, compute_capability=compute_capability, batch=batch,
                             workspace_mib=workspace_mib, allow_float_gemms=allow_float_gemms, progress=progress,
                             labels=("plan", "build report", "timing cache"), onnx_name=onnx_path,
-                            timing_cache_requested=timing_cache)
+                            timing_cache=timing_cache)
 
 
 def write_engine(out, onnx_path, labels: tuple[str, str, str], onnx_name=None, allow_float_gemms: bool = False,
-                 timing_cache_requested=None, **build) -> dict:
+                 timing_cache=None, **build) -> dict:
     """Build into an open OutputSet ``out`` whose outputs ``labels`` (plan, build report, and the timing cache
-    when TensorRT uses one) are staged, check the anatomy, write the staged files, and commit."""
+    when TensorRT uses one) are staged, check the anatomy, write the staged files, and commit. TensorRT reads
+    ``timing_cache`` where it is; its update is staged like the plan."""
     plan_label, report_label, cache_label = labels
-    plan_path, report_path = out.outputs[plan_label], out.outputs[report_label]
-    cache_path = out.outputs.get(cache_label)  # TensorRT reads it where it is; the update is staged
-    plan, report, cache_bytes = build_plan(onnx_path, timing_cache=cache_path or timing_cache_requested,
-                                           plan_name=plan_path, onnx_name=onnx_name, **build)
+    report_path = out.outputs[report_label]
+    plan, report, cache_bytes = build_plan(onnx_path, timing_cache=timing_cache, plan_name=out.outputs[plan_label],
+                                           onnx_name=onnx_name, **build)
     check_float_gemms(report, report_path, allow_float_gemms)
     report["report"] = str(report_path)
-    _write_staged(out.stage(report_label), report_path, json.dumps(report, indent=2, sort_keys=True).encode())
-    _write_staged(out.stage(plan_label), plan_path, plan)
-    if cache_path is not None:
-        _write_staged(out.stage(cache_label), cache_path, cache_bytes)
+    out.write(report_label, json.dumps(report, indent=2, sort_keys=True).encode())
+    out.write(plan_label, plan)
+    if cache_label in out.outputs:
+        out.write(cache_label, cache_bytes)
     out.commit()
     return report
-
-
-def _write_staged(tmp: Path, target: Path, data: bytes) -> None:
-    from .atomic import io_error
-
-    try:
-        tmp.write_bytes(data)
-    except OSError as e:
-        raise io_error(target, e) from None
 
 
 class EngineModule:

@@ -26,6 +26,7 @@ from torch import nn
 from .errors import QvitError
 from .layers import QuantConv2d, QuantLinear
 from .lsq import LSQQuantizer
+from .timm_models import input_shape
 
 DEFAULT_OPSET = 17      # LayerNormalization; per-axis QDQ
 FP16_MIN_OPSET = 19     # FP16 scales on QuantizeLinear/DequantizeLinear
@@ -283,16 +284,6 @@ def _plain_layernorm(norm: nn.LayerNorm) -> nn.LayerNorm:
     plain = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
     plain.load_state_dict({k: v for k, v in norm.state_dict().items() if not k.endswith("_extra_state")})
     return plain
-
-
-def input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of the images the model takes."""
-    embed = getattr(model, "patch_embed", None)
-    if embed is None or not hasattr(embed, "proj"):
-        raise QvitError(f"{type(model).__name__} has no patch embedding: qvit-export supports timm ViT/DeiT and Swin")
-    chans = embed.proj.in_channels
-    size = embed.img_size if embed.img_size is not None else (224, 224)
-    return (chans, *size)
 
 
 def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions(), metadata: dict | None = None,

@@ -231,14 +231,8 @@ class OnnxModule(nn.Module):
 
 
 def default_report_path(onnx_path) -> Path:
+    """``x.onnx`` -> ``x.parity.json``."""
     return Path(onnx_path).with_suffix(".parity.json")
-
-
-def failed_report_path(report_path) -> Path:
-    """Where a failing parity report goes (``x.parity.json`` -> ``x.parity.failed.json``): the evidence, never
-    in place of the report of the ONNX that is still there."""
-    report_path = Path(report_path)
-    return report_path.with_name(report_path.name.removesuffix(".json") + ".failed.json")
 
 
 def stage_export(out, model: nn.Module, images: torch.Tensor | None, options=None, metadata: dict | None = None,
@@ -247,30 +241,23 @@ def stage_export(out, model: nn.Module, images: torch.Tensor | None, options=Non
                  progress: bool = True) -> ParityReport | None:
     """Export into the staged ONNX of an open OutputSet ``out`` and, given ``images``, prove parity and stage
     the JSON report; commits nothing. Failing parity writes the report to ``*.parity.failed.json`` and raises."""
-    from .atomic import io_error
+    from .atomic import evidence_path
     from .onnx_export import ExportOptions, onnx_model
 
     onnx_label, report_label = labels
     graph = onnx_model(model, options or ExportOptions(), metadata, simplify=simplify)
-    tmp = out.stage(onnx_label)
-    try:
-        tmp.write_bytes(graph.SerializeToString())
-    except OSError as e:
-        raise io_error(out.outputs[onnx_label], e) from None
+    out.write(onnx_label, graph.SerializeToString())
     if images is None:
         return None
-    report = compare(model, tmp, images, progress=progress)
+    report = compare(model, out.stage(onnx_label), images, progress=progress)
     report_path = out.outputs[report_label]
     failures = report.failures(min_top1, min_codes, max_lsb)
     if failures:
-        evidence = write_report(report, failed_report_path(report_path))
+        evidence = write_report(report, evidence_path(report_path))
         raise QvitError(f"parity below thresholds ({failures[0]}; {len(failures)} in all, evidence in {evidence}): "
                         "the ONNX and its report were not written; look for a damaged checkpoint or calibration, or "
                         "loosen --min-top1-agreement/--min-code-match/--max-lsb if the figures are acceptable")
-    try:
-        out.stage(report_label).write_text(report.to_json())
-    except OSError as e:
-        raise io_error(report_path, e) from None
+    out.write(report_label, report.to_json().encode())
     return report
 
 
@@ -281,12 +268,13 @@ def export_with_parity(model: nn.Module, onnx_path, images: torch.Tensor, option
     """Export, prove parity on ``images``, and only then put the ONNX file at ``onnx_path`` and its JSON report
     beside it (or at ``report_path``), both or neither. A failing report is written to
     ``<report>.failed.json`` and the error names it; the files already there are left as they were."""
+    from .atomic import evidence_path
     from .transaction import OutputSet
 
     onnx_path = Path(onnx_path)
     report_path = Path(report_path) if report_path else default_report_path(onnx_path)
     with OutputSet({"onnx": onnx_path, "parity report": report_path},
-                   removes=[failed_report_path(report_path)]) as out:
+                   removes=[evidence_path(report_path)]) as out:
         report = stage_export(out, model, images, options, metadata, simplify, min_top1=min_top1,
                               min_codes=min_codes, max_lsb=max_lsb, progress=progress)
         out.commit()

@@ -6,6 +6,16 @@ from torch import nn
 from .errors import QvitError
 
 
+def input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images the model takes."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not hasattr(embed, "proj"):
+        raise QvitError(f"{type(model).__name__} has no patch embedding: qvit-export supports timm ViT/DeiT and Swin")
+    chans = embed.proj.in_channels
+    size = embed.img_size if embed.img_size is not None else (224, 224)
+    return (chans, *size)
+
+
 def create_model(name: str, pretrained: bool = False, weights: str | None = None, **kwargs) -> nn.Module:
     """``timm.create_model`` plus a record of (name, kwargs) on ``model.qvit_source``.
 
@@ -64,7 +74,6 @@ def describe_model(model: nn.Module) -> dict:
                         "qvit_export.create_model, or pass model_name= and model_kwargs= to save_checkpoint")
     import torch
 
-    from .onnx_export import input_shape
     from .quantize import quantize, quantizers_disabled
 
     with torch.device("meta"):

@@ -47,10 +47,7 @@ def locked_outputs(outputs: dict[str, Path]):
     after removing the temporary files a killed run left for them; a second run to the same files refuses."""
     out = OutputSet(outputs)
     try:
-        for label, path in sorted(out.outputs.items(), key=lambda kv: os.path.realpath(kv[1])):
-            out._created += make_parents(path)
-            out._lock(path, label)
-        out._remove_stale()
+        out._acquire()
         yield
     finally:
         out._unlock()
@@ -123,16 +120,21 @@ class OutputSet:
 
     def __enter__(self) -> "OutputSet":
         try:
-            for label, path in sorted(self.outputs.items(), key=lambda kv: os.path.realpath(kv[1])):
-                self._created += make_parents(path)
-                self._lock(path, label)
-            self._remove_stale()
+            self._acquire()
             for label, path in self.outputs.items():
                 self.staged[label] = temp_beside(path)
         except BaseException:
             self._abort()
             raise
         return self
+
+    def _acquire(self) -> None:
+        """Make the outputs' folders, lock every output (in one order, so two runs cannot deadlock), and remove
+        what a killed run left for them."""
+        for label, path in sorted(self.outputs.items(), key=lambda kv: os.path.realpath(kv[1])):
+            self._created += make_parents(path)
+            self._lock(path, label)
+        self._remove_stale()
 
     def _remove_stale(self) -> None:
         """Temporary files a killed run left for these outputs: nobody else can be writing them (we hold the locks)."""
@@ -144,6 +146,13 @@ class OutputSet:
     def stage(self, label: str) -> Path:
         """The temporary file that becomes output ``label`` at commit."""
         return self.staged[label]
+
+    def write(self, label: str, data: bytes) -> None:
+        """Fill the staged file of output ``label``; a failed write is one line naming the output."""
+        try:
+            self.staged[label].write_bytes(data)
+        except OSError as e:
+            raise io_error(self.outputs[label], e) from None
 
     def __exit__(self, kind, exc, tb) -> None:
         if not self.committed:

@@ -5,8 +5,11 @@ limit is the fault) over a folder that already holds a good export set, and asse
 stderr that says what to do (progress bars aside) and no traceback, the sha256 of every file that was there
 unchanged, and no new file except evidence named ``*.failed.json``.
 """
+import contextlib
 import fcntl
 import hashlib
+import io
+import json
 import os
 import resource
 import shutil
@@ -16,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from qvit_export import QuantConfig, QvitError, calibrate, create_model, load_checkpoint, quantize, save_checkpoint
 from qvit_export import cli
+from qvit_export.onnx_export import file_sha256
 
 TOOLS = {"qvit-export": cli.export_main, "qvit-eval": cli.eval_main, "qvit-report": cli.report_main,
          "qvit-train": cli.train_main}
@@ -42,9 +45,6 @@ def message_lines(stderr: str) -> list[str]:
 
 def invoke(tool: str, argv: list) -> tuple[int, str]:
     """Run a command's main as its entry point does; (exit code, stderr). Signal handlers are restored."""
-    import contextlib
-    import io
-
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     err = io.StringIO()
     try:
@@ -317,10 +317,6 @@ def test_a_successful_export_replaces_the_whole_set_and_clears_old_evidence(out,
     assert sorted(after) == ["m.build.json", "m.onnx", "m.parity.json", "m.plan"]  # old evidence gone
     assert all(after[k] != before[k] for k in after), "every file of the set is the new run's"
     assert not list(out.glob(".*"))
-    import json
-
-    from qvit_export.onnx_export import file_sha256
-
     build = json.loads((out / "m.build.json").read_text())
     assert build["precision"] == "int4" and build["onnx_sha256"] == file_sha256(out / "m.onnx")
     assert json.loads((out / "m.parity.json").read_text())["images"] == 300
