@@ -6,12 +6,14 @@
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .calibration_set import CalibrationSet, read_manifest
 from .errors import QvitError
 from .irm import IRM_STEPS, fit_irm
 from .layers import QuantAttentionMixin
@@ -126,11 +128,15 @@ def input_batches(model: nn.Module, data) -> list[torch.Tensor]:
 
 
 def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int = IRM_STEPS, seed: int = 0,
-              progress: bool = True) -> nn.Module:
+              progress: bool = True, data_root=None, batch_size: int = 256) -> nn.Module:
     """Initialise every quantizer step (and fit unfitted IRM norms) of a quantized model from real data.
 
-    ``data``: image batches (a tensor, a list or a DataLoader of tensors or (image, label) pairs) or a
-    callable ``forward_loop(model)`` that runs the model on them. ``method``: 'mse' (the default unless the
+    ``data``: a calibration set (a ``CalibrationSet``, a manifest path, or a shipped name such as
+    'fashion-mnist' or 'photos'; its images are checked against the manifest, preprocessed for the model and fed
+    in ``batch_size`` batches in manifest order, and ``model.qvit_calibration`` records which set it was, which
+    ``save_checkpoint`` keeps), image batches (a tensor, a list or a DataLoader of tensors or (image, label)
+    pairs) or a callable ``forward_loop(model)`` that runs the model on them. ``data_root``: where a folder
+    manifest's images are, when not where it says. ``method``: 'mse' (the default unless the
     model's QuantConfig says otherwise), 'lsq' (2·mean|x|/sqrt(Qp)) or 'percentile'. ``irm_steps``: Adam steps
     that fit the IRM norms to the FP model's output (0 leaves them at gamma=1, beta=0). ``progress``: show bars.
     Returns the model, in eval mode.
@@ -142,6 +148,11 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
     named = list(quantizers(model))
     if not named:
         raise QvitError("model has no quantizers: call qvit_export.quantize(model, cfg) before calibrate")
+    record = None
+    if isinstance(data, (str, os.PathLike, CalibrationSet)):
+        calib_set = data if isinstance(data, CalibrationSet) else read_manifest(data)
+        data = calib_set.batches(model, batch_size, root=data_root, progress=progress)
+        record = calib_set.record()
     batches = input_batches(model, data)
     device = next(model.parameters()).device
     was_training = model.training
@@ -178,5 +189,6 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
     from .quantize import check_steps
 
     check_steps(model, "calibration failed")  # e.g. non-finite weights
+    model.qvit_calibration = record  # None: calibrated on images no manifest names
     model.train(was_training)
     return model

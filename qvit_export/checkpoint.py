@@ -36,6 +36,9 @@ def save_checkpoint(path, model: nn.Module, metrics: dict | None = None, extra: 
     else:
         source = describe_model(model)
     cfg = getattr(model, "qvit_config", None)
+    extra = dict(extra or {})
+    if getattr(model, "qvit_calibration", None) is not None:  # which calibration set (calibrate() records it)
+        extra.setdefault("calibration", model.qvit_calibration)
     state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
@@ -44,7 +47,7 @@ def save_checkpoint(path, model: nn.Module, metrics: dict | None = None, extra: 
         "quant": cfg.to_dict() if cfg is not None else None,
         "state_dict": state,
         "metrics": dict(metrics or {}),
-        "extra": dict(extra or {}),
+        "extra": extra,
     }
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -136,6 +139,7 @@ def model_from_checkpoint(ckpt: dict, path) -> nn.Module:
 
         check_steps(model, str(path))
     model.qvit_checkpoint = {k: ckpt[k] for k in ("metrics", "extra")} | {"path": str(path)}
+    model.qvit_calibration = ckpt["extra"].get("calibration")
     return model.eval()
 
 

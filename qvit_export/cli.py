@@ -1,4 +1,6 @@
-"""Command-line entry points: qvit-train, qvit-export, qvit-eval and qvit-report (thin: parse, call the library, report)."""
+"""Command-line entry points: qvit-train, qvit-quantize, qvit-export, qvit-eval, qvit-report and qvit-calib (thin:
+parse, call the library, report). Nothing heavy is imported before the arguments are parsed, so --help is quick
+and works without torch."""
 from __future__ import annotations
 
 import argparse
@@ -99,12 +101,8 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- qvit-export ------------------------------------------------------------------------------------
 
-def export_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qvit-export", description="Export a quantized checkpoint to QDQ ONNX, prove "
-                                "parity with PyTorch through ONNX Runtime, and build a TensorRT engine.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by qvit-train or save_checkpoint")
-    p.add_argument("--onnx", help="ONNX output (default: next to --engine, else next to the checkpoint)")
-    p.add_argument("--engine", help="TensorRT plan to build (needs TensorRT or TensorRT-RTX)")
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    """The graph, parity and engine options of qvit-export (qvit-quantize takes the same ones)."""
     g = p.add_argument_group("graph")
     g.add_argument("--precision", choices=("int8", "int4", "int4-weight-only"), default="int8",
                    help="int8: INT8 weights and activations (the fastest engine); int4: MatMul weights of <= 4 bits "
@@ -138,6 +136,15 @@ def export_parser() -> argparse.ArgumentParser:
     e.add_argument("--timing-cache", help="timing cache file, read and updated")
     e.add_argument("--allow-float-gemms", action="store_true",
                    help="keep an engine in which a quantized layer runs as a float GEMM (default: refuse it)")
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qvit-export", description="Export a quantized checkpoint to QDQ ONNX, prove "
+                                "parity with PyTorch through ONNX Runtime, and build a TensorRT engine.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by qvit-train, qvit-quantize or save_checkpoint")
+    p.add_argument("--onnx", help="ONNX output (default: next to --engine, else next to the checkpoint)")
+    p.add_argument("--engine", help="TensorRT plan to build (needs TensorRT or TensorRT-RTX)")
+    _add_export_options(p)
     return p
 
 
@@ -150,9 +157,15 @@ def _default_onnx(args) -> Path:
     return ckpt.with_name(f"{ckpt.stem}.{args.precision}.onnx")
 
 
+_EXPORT_DEFAULTS = {"precision": "int8", "int4_block": 64, "dtype": "fp32", "opset": None, "static_batch": False,
+                    "decompose_layernorm": False, "no_simplify": False, "parity_data": "auto", "parity_images": 1000,
+                    "parity_report": None, "min_top1_agreement": None, "min_code_match": None, "max_lsb": 1,
+                    "no_parity": False}
+
+
 def _export_plan(args) -> tuple[dict, dict, list]:
-    """(outputs, inputs, files to remove at commit) of one qvit-export run, by flag name; engine-only options
-    without --engine are refused here, before any work."""
+    """(outputs, inputs, files to remove at commit) of one export, by flag name; engine-only options without
+    --engine are refused here, before any work."""
     from .atomic import evidence_path
     from .engine import default_report_path
     from .parity import default_report_path as default_parity
@@ -175,80 +188,79 @@ def _export_plan(args) -> tuple[dict, dict, list]:
         report = default_report_path(args.engine)
         outputs |= {"--engine": Path(args.engine), "build report": report}
         removes.append(evidence_path(report))
-    inputs = {"--ckpt": Path(args.ckpt), "--parity-data": Path(args.parity_data)
+    inputs = {"--parity-data": Path(args.parity_data)
               if args.parity_data not in ("auto", "photos", "fashion-mnist") else None}
     return outputs, inputs, removes
 
 
-def export_main(argv=None) -> int:
-    args = export_parser().parse_args(argv)
-    from .checkpoint import model_from_checkpoint, read_checkpoint
-    from .onnx_export import ExportOptions, file_sha256
-    from .transaction import OutputSet
-
-    outputs, inputs, removes = _export_plan(args)
-    options = ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset, int4_block=args.int4_block,
-                            dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm)
-    opset = options.resolved_opset()
+def _check_engine_tools(args, outputs: dict) -> tuple[int, int, int]:
+    """TensorRT missing, a target it lacks: known before any work. Returns the batch profile."""
     batch = args.batch or (1, 8, 32)
-    if args.engine:  # TensorRT missing, a target it lacks: known before any work
+    if args.engine:
         from .engine import check_build_options
 
         _, library = check_build_options(args.target, args.compute_capability, batch)
         if args.timing_cache and library == "tensorrt":  # read and updated: an output of the set
             outputs["--timing-cache"] = Path(args.timing_cache)
-    ckpt_path = Path(args.ckpt)
-    with OutputSet(outputs, inputs, removes) as out:
-        ckpt = read_checkpoint(ckpt_path)
-        if ckpt["quant"] is None:
-            raise QvitError(f"{ckpt_path} holds a float model: quantize and calibrate (or train) it before export")
-        model = model_from_checkpoint(ckpt, ckpt_path)  # one read of the file
-        metadata = {"checkpoint_sha256": file_sha256(ckpt_path), "checkpoint": ckpt_path.name, "model": ckpt["model"],
-                    "recipe": ckpt["extra"].get("recipe", {"quant": ckpt["quant"]}), "metrics": ckpt.get("metrics", {})}
-        images = what = None
-        if not args.no_parity:
-            from .data import parity_images
+    return batch
 
-            images, what = parity_images(args.parity_data, model, args.parity_images, ckpt["extra"].get("dataset"),
-                                         flag="--parity-data")
-        from .parity import stage_export
 
-        # FP16 rounding moves values across code boundaries, which changes predictions near ties (measured on
-        # the demo ViT at W4A4: 95-98% top-1 agreement, accuracy within 0.4 points): looser defaults.
-        fp16 = args.dtype == "fp16"
-        start = time.perf_counter()
-        print(f"exporting {outputs['--onnx']} ({args.precision}, {args.dtype}, opset {opset})", flush=True)
-        report = stage_export(
-            out, model, images, options, metadata, simplify=not args.no_simplify, labels=("--onnx", "--parity-report"),
-            min_top1=args.min_top1_agreement if args.min_top1_agreement is not None else (90.0 if fp16 else 99.9),
-            min_codes=args.min_code_match if args.min_code_match is not None else (98.0 if fp16 else 99.9),
-            max_lsb=args.max_lsb)
-        onnx_bytes = out.stage("--onnx").stat().st_size
-        if report is not None:
-            print(f"parity data: {what}")
-            print(report.table())
-            if fp16:
-                print("note: fp16 graph against the fp32 PyTorch model; measure its accuracy with qvit-eval --onnx")
-        print(f"ONNX ready: {onnx_bytes / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s")
-        if options.int4:
-            from .onnx_export import int4_layers
+def _export_options(args):
+    from .onnx_export import ExportOptions
 
-            chosen, kept = int4_layers(model, options.int4_block)
-            print(f"INT4 weights (block {options.int4_block}): {len(chosen)} layers; INT8 weights: {len(kept)} layers"
-                  + "".join(f"\n  {name}: {why}" for name, why in kept.items()))
-        built = None
-        if args.engine:
-            from .engine import write_engine
+    return ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset, int4_block=args.int4_block,
+                         dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm)
 
-            print(f"building {args.engine}", flush=True)
-            built = write_engine(out, out.stage("--onnx"), labels=("--engine", "build report", "--timing-cache"),
-                                 onnx_name=outputs["--onnx"], target=args.target,
-                                 compute_capability=args.compute_capability, batch=batch,
-                                 workspace_mib=args.workspace, allow_float_gemms=args.allow_float_gemms,
-                                 timing_cache=args.timing_cache)
-        else:
-            out.commit()
-    print(f"wrote {outputs['--onnx']}" + (f" and {outputs['--parity-report']}" if report is not None else ""))
+
+def _export_staged(out, args, outputs: dict, model, metadata: dict, dataset_hint: str | None, batch) -> dict | None:
+    """qvit-export's steps inside an open OutputSet: ONNX, parity, engine; commits the set (with whatever else
+    the command staged in it). Returns the build result, or None without --engine."""
+    options = _export_options(args)
+    images = what = None
+    if not args.no_parity:
+        from .data import parity_images
+
+        images, what = parity_images(args.parity_data, model, args.parity_images, dataset_hint, flag="--parity-data")
+    from .parity import stage_export
+
+    # FP16 rounding moves values across code boundaries, which changes predictions near ties (measured on
+    # the demo ViT at W4A4: 95-98% top-1 agreement, accuracy within 0.4 points): looser defaults.
+    fp16 = args.dtype == "fp16"
+    start = time.perf_counter()
+    print(f"exporting {outputs['--onnx']} ({args.precision}, {args.dtype}, opset {options.resolved_opset()})",
+          flush=True)
+    report = stage_export(
+        out, model, images, options, metadata, simplify=not args.no_simplify, labels=("--onnx", "--parity-report"),
+        min_top1=args.min_top1_agreement if args.min_top1_agreement is not None else (90.0 if fp16 else 99.9),
+        min_codes=args.min_code_match if args.min_code_match is not None else (98.0 if fp16 else 99.9),
+        max_lsb=args.max_lsb)
+    onnx_bytes = out.stage("--onnx").stat().st_size
+    if report is not None:
+        print(f"parity data: {what}")
+        print(report.table())
+        if fp16:
+            print("note: fp16 graph against the fp32 PyTorch model; measure its accuracy with qvit-eval --onnx")
+    print(f"ONNX ready: {onnx_bytes / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s")
+    if options.int4:
+        from .onnx_export import int4_layers
+
+        chosen, kept = int4_layers(model, options.int4_block)
+        print(f"INT4 weights (block {options.int4_block}): {len(chosen)} layers; INT8 weights: {len(kept)} layers"
+              + "".join(f"\n  {name}: {why}" for name, why in kept.items()))
+    if not args.engine:
+        out.commit()
+        return None
+    from .engine import write_engine
+
+    print(f"building {args.engine}", flush=True)
+    return write_engine(out, out.stage("--onnx"), labels=("--engine", "build report", "--timing-cache"),
+                        onnx_name=outputs["--onnx"], target=args.target, compute_capability=args.compute_capability,
+                        batch=batch, workspace_mib=args.workspace, allow_float_gemms=args.allow_float_gemms,
+                        timing_cache=args.timing_cache)
+
+
+def _print_written(args, outputs: dict, parity: bool, built: dict | None) -> None:
+    print(f"wrote {outputs['--onnx']}" + (f" and {outputs['--parity-report']}" if parity else ""))
     if built is not None:
         from .anatomy import summary_line
 
@@ -257,6 +269,211 @@ def export_main(argv=None) -> int:
               f"({len(built['qdq_layers'])} Q/DQ), {built['build_seconds']:.1f} s; report {built['report']}")
         anatomy = built["anatomy"]
         print(summary_line(anatomy) if "summary" in anatomy else f"anatomy: skipped ({anatomy['skipped']})")
+
+
+def _checkpoint_metadata(path: Path, ckpt: dict) -> dict:
+    """What the ONNX records about the checkpoint it came from (and the calibration set behind it)."""
+    from .onnx_export import file_sha256
+
+    extra = ckpt["extra"]
+    metadata = {"checkpoint_sha256": file_sha256(path), "checkpoint": path.name, "model": ckpt["model"],
+                "recipe": extra.get("recipe", {"quant": ckpt["quant"]}), "metrics": ckpt.get("metrics", {})}
+    if extra.get("calibration") is not None:
+        metadata["calibration"] = extra["calibration"]
+    return metadata
+
+
+def export_main(argv=None) -> int:
+    args = export_parser().parse_args(argv)
+    from .checkpoint import model_from_checkpoint, read_checkpoint
+    from .transaction import OutputSet
+
+    outputs, inputs, removes = _export_plan(args)
+    inputs["--ckpt"] = Path(args.ckpt)
+    _export_options(args).resolved_opset()
+    batch = _check_engine_tools(args, outputs)
+    ckpt_path = Path(args.ckpt)
+    with OutputSet(outputs, inputs, removes) as out:
+        ckpt = read_checkpoint(ckpt_path)
+        if ckpt["quant"] is None:
+            raise QvitError(f"{ckpt_path} holds a float model: quantize and calibrate it (qvit-quantize), or train "
+                            "it (qvit-train), before export")
+        model = model_from_checkpoint(ckpt, ckpt_path)  # one read of the file
+        built = _export_staged(out, args, outputs, model, _checkpoint_metadata(ckpt_path, ckpt),
+                               ckpt["extra"].get("dataset"), batch)
+    _print_written(args, outputs, not args.no_parity, built)
+    return 0
+
+
+# ---- qvit-quantize ----------------------------------------------------------------------------------
+
+def quantize_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qvit-quantize", description="Post-training quantization in one command: a timm model (or our "
+                "FP checkpoint) -> quantize -> calibrate on a calibration set -> a checkpoint qvit-export takes; with "
+                "--onnx/--engine it goes straight on to export, with qvit-export's options and guarantees.")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="timm model name, e.g. deit_small_patch16_224 (optional when --weights is an FP "
+                   "checkpoint of ours, which names its model)")
+    src = m.add_mutually_exclusive_group()
+    src.add_argument("--weights", help="a timm weights file (state dict; its head's num_classes and input channels "
+                     "are read from it) or an FP checkpoint written by qvit-train")
+    src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (downloaded from its hub)")
+    m.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further timm.create_model argument (repeatable), e.g. --model-arg img_size=28")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, help="weight and activation bits")
+    q.add_argument("--w-bits", type=int, choices=SUPPORTED_BITS, help="weight bits (default: --bits)")
+    q.add_argument("--a-bits", type=int, choices=SUPPORTED_BITS, help="activation bits (default: --bits)")
+    q.add_argument("--irm", action="store_true", help="IRM on queries and keys, fitted to the FP model at calibration")
+    q.add_argument("--method", choices=("mse", "lsq", "percentile"), default="mse", help="step rule (default mse)")
+    q.add_argument("--irm-steps", type=_int_in(0), default=100, help="Adam steps of the IRM fit (default 100)")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", required=True,
+                   help="a calibration manifest (.json, or a shipped name: fashion-mnist, photos), or an image folder "
+                        "to draw one from (written beside --out as <out>.calib.json)")
+    c.add_argument("--calib-images", type=_int_in(1), default=1024, help="images drawn from a folder (default 1024)")
+    c.add_argument("--seed", type=_int_in(0), default=0, help="seed of the draw and of calibration (default 0)")
+    c.add_argument("--calib-root", help="where a folder manifest's images are (default: the root it names)")
+    c.add_argument("--batch-size", type=_int_in(1), default=256, help="calibration batch size (default 256)")
+    p.add_argument("--out", required=True, help="the calibrated checkpoint to write (what qvit-export --ckpt takes)")
+    p.add_argument("--onnx", help="also export the ONNX here (with parity), as qvit-export would")
+    p.add_argument("--engine", help="also build a TensorRT plan here (implies the ONNX, next to it by default)")
+    _add_export_options(p)
+    return p
+
+
+def _model_args(texts: list[str]) -> dict:
+    from .recipe import parse_override
+
+    kwargs = {}
+    for text in texts:
+        key, value = parse_override(text)
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return kwargs
+
+
+def quantize_main(argv=None) -> int:
+    args = quantize_parser().parse_args(argv)
+    w_bits, a_bits = args.w_bits or args.bits, args.a_bits or args.bits
+    if w_bits is None or a_bits is None:
+        raise QvitError("give the bit widths: --bits 8, or --w-bits and --a-bits")
+    if not (args.weights or args.pretrained):
+        raise QvitError("PTQ needs trained weights: give --weights FILE (timm weights or our FP checkpoint) or "
+                        "--pretrained")
+    if args.pretrained and not args.model:
+        raise QvitError("--pretrained needs --model: a timm model name")
+    export = bool(args.onnx or args.engine)
+    if not export:
+        given = [k for k, v in _EXPORT_DEFAULTS.items() if getattr(args, k) != v]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise QvitError(f"{flag} is an export option: add --onnx or --engine, or drop {flag}")
+    from .calibration_set import is_manifest_spec
+
+    out_path = Path(args.out)
+    drawn_path = None if is_manifest_spec(args.calib) else out_path.with_name(out_path.stem + ".calib.json")
+    outputs = {"--out": out_path, "calibration set": drawn_path}
+    inputs = {"--weights": Path(args.weights) if args.weights else None,
+              "--calib": Path(args.calib) if Path(args.calib).exists() else None}
+    removes, batch = [], None
+    if export:
+        args.ckpt = args.out
+        more, more_inputs, removes = _export_plan(args)
+        outputs |= more
+        inputs |= more_inputs
+        _export_options(args).resolved_opset()
+        batch = _check_engine_tools(args, outputs)
+    from .transaction import OutputSet
+
+    with OutputSet(outputs, inputs, removes) as out:
+        from .ptq import post_training_quantize
+
+        model, calib_set, hint = post_training_quantize(
+            args.model, weights=args.weights, pretrained=args.pretrained, model_kwargs=_model_args(args.model_arg),
+            w_bits=w_bits, a_bits=a_bits, irm=args.irm, method=args.method, irm_steps=args.irm_steps,
+            calib=args.calib, calib_images=args.calib_images, seed=args.seed, calib_root=args.calib_root,
+            batch_size=args.batch_size)
+        from .checkpoint import read_checkpoint, save_checkpoint
+
+        extra = {"dataset": hint, "ptq": {"method": args.method, "irm_steps": args.irm_steps if args.irm else 0,
+                                          "seed": args.seed, "weights": Path(args.weights).name if args.weights
+                                          else "pretrained"}}
+        save_checkpoint(out.stage("--out"), model, extra=extra)
+        if drawn_path is not None:
+            out.write("calibration set", calib_set.to_json().encode())
+        print(f"calibrated {model.qvit_source['name']} W{w_bits}A{a_bits}{' + IRM' if args.irm else ''} on "
+              f"{calib_set.name} ({len(calib_set.images)} images, sha256 {calib_set.sha256[:12]})", flush=True)
+        built = None
+        if export:
+            ckpt = read_checkpoint(out.stage("--out"))
+            metadata = _checkpoint_metadata(out.stage("--out"), ckpt) | {"checkpoint": out_path.name}
+            built = _export_staged(out, args, outputs, model, metadata, hint, batch)
+        else:
+            out.commit()
+    print(f"wrote {out_path}" + (f" and the calibration set {drawn_path}" if drawn_path else ""))
+    if export:
+        _print_written(args, outputs, not args.no_parity, built)
+    return 0
+
+
+# ---- qvit-calib -------------------------------------------------------------------------------------
+
+def calib_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qvit-calib", description="Calibration sets as manifests: draw one reproducibly, verify one "
+                "against the images on disk, show or list them.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="{draw,verify,show,list}")
+    d = sub.add_parser("draw", help="draw a calibration set and write its manifest",
+                       description="Draw N images: the smallest sha256('<seed>:<id>') keys, per class with --balanced.")
+    d.add_argument("--source", required=True, help="fashion-mnist, photos, or an image folder (class sub-folders, "
+                   "or an ImageNet layout whose train/ is used)")
+    d.add_argument("--split", choices=("train", "test"), default="train", help="Fashion-MNIST split (default train)")
+    d.add_argument("--images", type=_int_in(1), default=1024, help="how many images (default 1024)")
+    d.add_argument("--seed", type=_int_in(0), default=0, help="seed of the draw (default 0)")
+    d.add_argument("--balanced", action="store_true", help="the same number of images from every class")
+    d.add_argument("--name", help="the set's name (default: <source>-<images>-seed<seed>)")
+    d.add_argument("--out", required=True, help="manifest file to write (.json)")
+    v = sub.add_parser("verify", help="check every image of a manifest against the data on disk")
+    v.add_argument("manifest", help="a manifest file or a shipped name")
+    v.add_argument("--root", help="the image folder, for a folder manifest (default: the root it names)")
+    s = sub.add_parser("show", help="summarise a manifest: source, rule, classes, hash")
+    s.add_argument("manifest", help="a manifest file or a shipped name")
+    sub.add_parser("list", help="the manifests shipped with qvit-export")
+    return p
+
+
+def calib_main(argv=None) -> int:
+    args = calib_parser().parse_args(argv)
+    from . import calibration_set as cs
+
+    if args.command == "list":
+        for name in cs.shipped_names():
+            m = cs.read_manifest(name)
+            print(f"{name}: {len(m.images)} images of {m.source['kind']}, sha256 {m.sha256[:12]}  "
+                  f"({cs.shipped_dir() / (name + '.json')})")
+        return 0
+    if args.command == "draw":
+        from .atomic import write_text
+        from .transaction import check_paths
+
+        if not args.out.endswith(".json"):
+            raise QvitError(f"--out {args.out}: a manifest is a .json file; name it so")
+        check_paths({"--out": Path(args.out)}, {})
+        made = cs.draw(cs.source_from_spec(args.source, args.split), args.images, args.seed, args.balanced, args.name)
+        write_text(args.out, made.to_json())
+        print(f"wrote {args.out}: {made.name}, {len(made.images)} images, sha256 {made.sha256}")
+        return 0
+    made = cs.read_manifest(args.manifest)
+    if args.command == "verify":
+        made.verify(args.root, progress=True)
+        print(f"{made.name}: all {len(made.images)} images present and unchanged (sha256 {made.sha256})")
+        return 0
+    from collections import Counter
+
+    per_class = Counter(e.label for e in made.images if e.label is not None)
+    print(f"{made.name}: {len(made.images)} images, source {json.dumps(made.source)}, rule "
+          f"{json.dumps(made.rule.to_dict())}, sha256 {made.sha256}")
+    if per_class:
+        print("per class: " + ", ".join(f"{k}: {v}" for k, v in sorted(per_class.items())))
     return 0
 
 
@@ -276,13 +493,14 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     p.add_argument("--resume", help="a run's last.pt: continue that run exactly where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    p.add_argument("--print-recipe", action="store_true",
+                   help="print the resolved recipe (defaults, the file and what it extends, overrides) and exit")
     return p
 
 
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
     from .recipe import load_recipe, parse_override, validate
-    from .trainer import read_resume, train
 
     overrides = dict(parse_override(text) for text in args.set)
     overrides |= {key: getattr(args, key) for key, _ in _SHORTCUTS if getattr(args, key) is not None}
@@ -290,6 +508,8 @@ def train_main(argv=None) -> int:
     if args.resume:
         if args.recipe or overrides:
             raise QvitError("--resume continues the saved recipe unchanged: drop --recipe, --set and the shortcuts")
+        from .trainer import read_resume
+
         resume = read_resume(args.resume)
         recipe = validate(dict(resume["extra"]["recipe"]))
         out = Path(args.out) if args.out else Path(args.resume).parent
@@ -298,9 +518,16 @@ def train_main(argv=None) -> int:
             raise QvitError("give --recipe (a name in models/ or a YAML file), or --resume RUN/last.pt")
         recipe = load_recipe(args.recipe, overrides)
         out = Path(args.out or Path("runs") / recipe["name"])
-        if (out / "last.pt").exists():
+        if (out / "last.pt").exists() and not args.print_recipe:
             raise QvitError(f"{out} already holds a run: continue it with --resume {out / 'last.pt'}, or choose "
                             "another --out")
+    if args.print_recipe:
+        from .recipe import to_yaml
+
+        print(to_yaml(recipe), end="")
+        return 0
+    from .trainer import train
+
     result = train(recipe, out, resume=resume, progress=not args.no_progress)
     best = result["best"]
     if best is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -446,3 +673,11 @@ def qvit_report() -> None:
 
 def qvit_eval() -> None:
     sys.exit(_run(eval_main, None))
+
+
+def qvit_quantize() -> None:
+    sys.exit(_run(quantize_main, None))
+
+
+def qvit_calib() -> None:
+    sys.exit(_run(calib_main, None))

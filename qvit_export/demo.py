@@ -3,7 +3,7 @@
     python -m qvit_export.demo [--workdir runs/demo]
 
 1. FP teacher (recipe models/demo_fp.yaml, qvit-train's engine), 2. PTQ baselines (W8A8, W4A4) calibrated on
-1,024 training images, 3. the W4A4 Q-ViT student (recipe models/demo_w4a4.yaml: calibrate, then QAT with IRM +
+the shipped calibration set calib/fashion-mnist.json (1,024 class-balanced training images), 3. the W4A4 Q-ViT student (recipe models/demo_w4a4.yaml: calibrate, then QAT with IRM +
 DGD + logit distillation), 4. qvit-export's steps on the student, for int8 (the fastest engine) and int4-weight-only (the
 smallest): QDQ ONNX, parity against PyTorch on all 10,000 test images through ONNX Runtime, accuracy there,
 and a TensorRT-RTX plan for SM89 with its anatomy (which kernel runs each quantized layer, in which types). Finished runs are
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import calibrate
+from .calibration_set import read_manifest
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import QuantConfig
 from .data import fashion_mnist
@@ -26,12 +27,11 @@ from .errors import QvitError
 from .quantize import quantize
 from .recipe import load_recipe
 from .train import evaluate
-from .train_data import calibration_images
 from .trainer import train_or_reuse
 
 _FP = load_recipe("demo_fp")
 DEMO_MODEL, DEMO_KWARGS = _FP["model"], dict(_FP["model_kwargs"])
-CALIBRATION_IMAGES = 1024
+CALIBRATION_SET = "fashion-mnist"  # calib/fashion-mnist.json: 1,024 training images, 102-103 per class
 
 
 def fashion_teacher(workdir) -> torch.nn.Module:
@@ -39,14 +39,14 @@ def fashion_teacher(workdir) -> torch.nn.Module:
     return load_checkpoint(train_or_reuse(load_recipe("demo_fp"), Path(workdir) / "fp"))
 
 
-def calibration_batches(n: int = CALIBRATION_IMAGES, batch_size: int = 256, seed: int = 0) -> list[torch.Tensor]:
-    """A fixed random draw of ``n`` Fashion-MNIST training images, as a list of batches."""
-    return calibration_images(fashion_mnist("train"), n, seed, batch_size)
+def calibration_batches(batch_size: int = 256) -> list[torch.Tensor]:
+    """The images of the demo's calibration set (checked against its manifest), as a list of batches."""
+    return read_manifest(CALIBRATION_SET).batches(None, batch_size, progress=False)
 
 
-def ptq(teacher: torch.nn.Module, cfg: QuantConfig, batches) -> torch.nn.Module:
-    """Post-training quantization: convert, calibrate, stop."""
-    return calibrate(quantize(teacher, cfg), batches)
+def ptq(teacher: torch.nn.Module, cfg: QuantConfig, data=CALIBRATION_SET) -> torch.nn.Module:
+    """Post-training quantization: convert, calibrate (on the demo's calibration set unless ``data`` says), stop."""
+    return calibrate(quantize(teacher, cfg), data)
 
 
 DEPLOYED = (("int8", "W4A4 Q-ViT, INT8"), ("int4-weight-only", "Q-ViT, INT4 w-only"))
@@ -99,10 +99,9 @@ def main(argv=None) -> int:
         student_ckpt = train_or_reuse(load_recipe("demo_w4a4", {"teacher": str(teacher_ckpt)}), workdir / "w4a4")
         test_set, teacher = fashion_mnist("test"), load_checkpoint(teacher_ckpt)
         rows = [("FP32 teacher", "PyTorch", evaluate(teacher, test_set, desc="FP"), teacher_ckpt)]
-        batches = calibration_batches()
         for bits in (8, 4):
             label = f"W{bits}A{bits} PTQ"
-            student = ptq(teacher, QuantConfig(w_bits=bits, a_bits=bits, irm=False), batches)
+            student = ptq(teacher, QuantConfig(w_bits=bits, a_bits=bits, irm=False))
             path = save_checkpoint(workdir / f"w{bits}a{bits}_ptq.pt", student, extra={"dataset": "fashion-mnist"})
             rows.append((label, "PyTorch", evaluate(student, test_set, desc=label), path))
         rows.append(("W4A4 Q-ViT (QAT)", "PyTorch", evaluate(load_checkpoint(student_ckpt), test_set, desc="Q-ViT"),

@@ -25,7 +25,9 @@ DEFAULTS: dict = {
     "val_limit": None,
     # quantization (QuantConfig) and calibration
     "w_bits": 4, "a_bits": 4, "edge_bits": 8, "irm": True, "calibration": "mse",
-    "calibration_images": 1024, "irm_steps": 100,
+    "calibration_set": None, # a manifest (path or shipped name); None: draw calibration_images from the training
+    "calibration_images": 1024,  # data, class-balanced, with the seed (written to the run as calibration.json)
+    "irm_steps": 100,
     # losses: CE + logit distillation from the teacher + DGD
     "label_smoothing": 0.0,
     "distill": "soft",       # none | soft (KL at temperature tau) | hard (teacher's argmax)
@@ -52,7 +54,16 @@ AUGMENT_DEFAULTS = {"hflip": 0.5, "crop_padding": 2, "scale": [0.08, 1.0], "colo
 
 CHOICES = {"mode": ("fp", "qat"), "distill": ("none", "soft", "hard"), "optimizer": ("adamw", "lamb"),
            "amp_dtype": ("bfloat16", "float16"), "calibration": CALIBRATION_METHODS}
-RECIPE_DIRS = (Path("models"), Path(__file__).resolve().parent.parent / "models")
+
+def shipped_recipes() -> Path:
+    """The recipes shipped with the package: the checkout's models/ (linked as qvit_export/recipes), package data
+    in a wheel; found the same way in a checkout, an editable install and a wheel."""
+    from importlib import resources
+
+    return Path(str(resources.files("qvit_export") / "recipes"))
+
+
+RECIPE_DIRS = (Path("models"), shipped_recipes())  # a user's own models/ first, then ours
 
 
 def find_recipe(spec: str) -> Path:
@@ -152,6 +163,8 @@ def validate(recipe: dict) -> dict:
     if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and math.isfinite(clip)
                                  and clip > 0):
         raise QvitError(f"clip_grad={recipe['clip_grad']!r} must be a positive number or null")
+    if recipe["calibration_set"] is not None and not isinstance(recipe["calibration_set"], str):
+        raise QvitError(f"calibration_set={recipe['calibration_set']!r} must be a manifest path or a shipped name")
     if not isinstance(recipe["model_kwargs"], dict):
         raise QvitError("model_kwargs must be a mapping of timm.create_model arguments")
     if recipe["mode"] == "qat" and not recipe["teacher"]:

@@ -27,7 +27,7 @@ def _unchanged(x):
 class SeededAugment(Dataset):
     """``transform(base[i])`` with torch's and Python's random state seeded from (seed, epoch, i).
 
-    ``plain`` is the transform without augmentation (calibration images come through it).
+    ``plain`` is the transform without augmentation.
     """
 
     def __init__(self, base: Dataset, transform, seed: int, plain=None):
@@ -126,11 +126,3 @@ def training_data(recipe: dict, model) -> tuple[Dataset, Dataset]:
 def set_epoch(dataset: Dataset, epoch: int) -> None:
     if isinstance(dataset, SeededAugment):
         dataset.set_epoch(epoch)
-
-
-def calibration_images(dataset: Dataset, n: int, seed: int, batch_size: int = 256) -> list[torch.Tensor]:
-    """A fixed random draw of ``n`` training images (augmentation off), as batches."""
-    base, plain = (dataset.base, dataset.plain) if isinstance(dataset, SeededAugment) else (dataset, _unchanged)
-    pick = torch.randperm(len(base), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    images = [plain(base[i][0]) for i in pick]
-    return [torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]

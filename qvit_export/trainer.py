@@ -37,7 +37,7 @@ from .errors import QvitError
 from .quantize import quantize, set_quantizers_enabled
 from .recipe import quant_config, to_yaml
 from .train import evaluation_sums, metrics_from_sums
-from .train_data import calibration_images, set_epoch, training_data
+from .train_data import set_epoch, training_data
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table")
 CSV_FIELDS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "train_dgd", "val_top1", "val_top5", "val_loss",
@@ -114,6 +114,18 @@ def load_teacher(recipe: dict) -> nn.Module:
         raise QvitError(f"teacher {path} is a {teacher.qvit_source['name']} but the recipe says {name}: the student "
                         "starts from the teacher, so they must match")
     return teacher
+
+
+def calibration_set(recipe: dict, progress: bool = True):
+    """The recipe's calibration set: its manifest, or a class-balanced draw of ``calibration_images`` training
+    images with the recipe's seed."""
+    from .calibration_set import FashionMnistSource, FolderSource, draw, read_manifest
+
+    if recipe["calibration_set"]:
+        return read_manifest(recipe["calibration_set"])
+    source = FashionMnistSource("train") if recipe["data"] == "fashion-mnist" else FolderSource(recipe["data"])
+    return draw(source, recipe["calibration_images"], recipe["seed"], balanced=True,
+                name=f"{recipe['name']}-calibration", progress=progress)
 
 
 def read_resume(path) -> dict:
@@ -209,8 +221,10 @@ class Trainer:
             self.model = fp_model(r)
         self.train_set, self.val_set = training_data(r, self.model)
         if qat and state is None:
-            batches = calibration_images(self.train_set, r["calibration_images"], r["seed"])
-            calibrate(self.model, batches, irm_steps=r["irm_steps"], seed=r["seed"], progress=progress)
+            calib_set = calibration_set(r, progress)
+            if self.procs.main:  # the run says which images calibrated it
+                write_text(self.out / "calibration.json", calib_set.to_json())
+            calibrate(self.model, calib_set, irm_steps=r["irm_steps"], seed=r["seed"], progress=progress)
         if state is not None:
             self.model.load_state_dict(resume["state_dict"])
         self.model.to(self.procs.device)
@@ -356,7 +370,7 @@ class Trainer:
         write_text(self.out / "metrics.csv", buffer.getvalue())
 
 
-RUN_FILES = ("recipe.yaml", "last.pt", "best.pt", "metrics.csv", "curves.png")  # what a run writes in its folder
+RUN_FILES = ("recipe.yaml", "calibration.json", "last.pt", "best.pt", "metrics.csv", "curves.png")  # what a run writes in its folder
 
 
 def train(recipe: dict, out, resume: dict | None = None, progress: bool = True) -> dict:

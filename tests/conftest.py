@@ -7,7 +7,7 @@ import torch
 
 from qvit_export import create_model
 from qvit_export.data import fashion_mnist, photo_batch
-from qvit_export.demo import DEMO_KWARGS, DEMO_MODEL, calibration_batches, fashion_teacher
+from qvit_export.demo import DEMO_KWARGS, DEMO_MODEL, calibration_batches
 
 FIGURES: list[str] = []  # measured figures, printed at the end of the run (they are what the issues ask to report)
 
@@ -31,9 +31,59 @@ def fmnist_calibration():
 
 
 @pytest.fixture(scope="session")
-def fmnist_teacher():
-    """The demo ViT trained on Fashion-MNIST (2 epochs, a few minutes once; cached in .cache/tests)."""
-    return fashion_teacher(CACHE)
+def fmnist_teacher_ckpt():
+    """The checkpoint of the demo ViT trained on Fashion-MNIST (2 epochs, a few minutes once; cached in
+    .cache/tests)."""
+    from qvit_export.recipe import load_recipe
+    from qvit_export.trainer import train_or_reuse
+
+    return train_or_reuse(load_recipe("demo_fp"), CACHE / "fp")
+
+
+@pytest.fixture(scope="session")
+def fmnist_teacher(fmnist_teacher_ckpt):
+    """The demo ViT trained on Fashion-MNIST, loaded."""
+    from qvit_export import load_checkpoint
+
+    return load_checkpoint(fmnist_teacher_ckpt)
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    """scikit-image's photographs as PNG files in an ImageNet layout: train/grey/*.png and train/colour/*.png."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    from qvit_export.data import PHOTOS
+
+    root = tmp_path_factory.mktemp("photo_folder")
+    for name in PHOTOS:
+        array = getattr(skimage.data, name)()
+        if array.dtype != np.uint8:
+            array = (array * 255).astype(np.uint8)
+        folder = root / "train" / ("grey" if array.ndim == 2 else "colour")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(folder / f"{name}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fmnist_folder(tmp_path_factory):
+    """60 Fashion-MNIST test images as PNG files, 20 in each of three class folders."""
+    from PIL import Image
+
+    from qvit_export.data import FASHION_MNIST_CLASSES, read_idx, _find, fashion_mnist_dir
+
+    images = read_idx(_find(fashion_mnist_dir(), "t10k-images-idx3-ubyte"))
+    labels = read_idx(_find(fashion_mnist_dir(), "t10k-labels-idx1-ubyte"))
+    root = tmp_path_factory.mktemp("fmnist_folder")
+    for label in (0, 1, 9):
+        folder = root / FASHION_MNIST_CLASSES[label].replace("/", "-").replace(" ", "-")
+        folder.mkdir()
+        for index in [i for i in range(len(labels)) if labels[i] == label][:20]:
+            Image.fromarray(images[index]).save(folder / f"{index:05d}.png")
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,133 @@
+"""qvit-quantize: post-training quantization in one command, from timm weights or our FP checkpoint, to a checkpoint
+that qvit-export takes (and straight on to ONNX and an engine)."""
+import json
+
+import onnx
+import pytest
+import timm
+import torch
+
+from qvit_export import QuantConfig, load_checkpoint, read_checkpoint
+from qvit_export.calibration_set import read_manifest
+from qvit_export.demo import ptq
+from qvit_export.train import evaluate
+
+from test_cli import one_error_line, run
+
+RTX = ["--target", "tensorrt-rtx", "--compute-capability", "sm89"]
+
+
+def _metadata(path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_demo_teacher_w8a8_equals_the_api(fmnist_teacher_ckpt, fmnist_teacher, fmnist_test, tmp_path, figures):
+    """The command and calibrate() on the same manifest give the same checkpoint, hence the same accuracy;
+    qvit-export takes it as it is and proves parity."""
+    out = tmp_path / "w8a8.pt"
+    r = run("qvit_quantize", "--weights", fmnist_teacher_ckpt, "--bits", 8, "--calib", "fashion-mnist", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "calibrated vit_tiny_patch16_224 W8A8 on fashion-mnist (1024 images" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w8a8.pt"]  # a manifest by name: nothing else written
+    command = load_checkpoint(out)
+    api = ptq(fmnist_teacher, QuantConfig(w_bits=8, a_bits=8, irm=False), "fashion-mnist")
+    a, b = command.state_dict(), api.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    top1 = {name: evaluate(m, fmnist_test, progress=False)["top1"] for name, m in (("command", command), ("api", api))}
+    figures(f"qvit-quantize W8A8 (demo teacher, calib/fashion-mnist.json): top-1 {top1['command']:.2f}%, "
+            f"calibrate() API {top1['api']:.2f}%")
+    assert top1["command"] == top1["api"]
+    manifest = read_manifest("fashion-mnist")
+    extra = read_checkpoint(out)["extra"]
+    assert extra["calibration"] == manifest.record() and extra["dataset"] == "fashion-mnist"
+    e = run("qvit_export", "--ckpt", out, "--onnx", tmp_path / "w8a8.onnx", "--parity-images", 1000)
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert "parity data: 1000 images of fashion-mnist" in e.stdout
+    meta = _metadata(tmp_path / "w8a8.onnx")
+    assert json.loads(meta["calibration"])["sha256"] == manifest.sha256
+    assert json.loads((tmp_path / "w8a8.parity.json").read_text())["top1_agreement"] >= 99.9
+
+
+@pytest.fixture(scope="module")
+def deit_weights(tmp_path_factory):
+    """A timm DeiT-tiny weights file with its own 10-class head (random init: no hub here)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "deit_tiny_10.pth"
+    torch.save(timm.create_model("deit_tiny_patch16_224", num_classes=10).state_dict(), path)
+    return path
+
+
+def test_timm_weights_on_photos_straight_to_onnx(deit_weights, tmp_path):
+    """A timm weights file with its own head: num_classes read from it; --onnx goes on to export with parity."""
+    out = tmp_path / "deit_w8a8.pt"
+    r = run("qvit_quantize", "--model", "deit_tiny_patch16_224", "--weights", deit_weights, "--bits", 8,
+            "--calib", "photos", "--out", out, "--onnx", tmp_path / "deit_w8a8.onnx")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "parity data: 17 scikit-image photographs" in r.stdout and "top-1 agreement 100.000%" in r.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deit_w8a8.onnx", "deit_w8a8.parity.json", "deit_w8a8.pt"]
+    ckpt = read_checkpoint(out)
+    assert ckpt["model"] == {"name": "deit_tiny_patch16_224", "kwargs": {"num_classes": 10}}
+    assert ckpt["extra"]["calibration"]["name"] == "photos"
+    meta = _metadata(tmp_path / "deit_w8a8.onnx")
+    assert json.loads(meta["calibration"])["sha256"] == read_manifest("photos").sha256
+    assert meta["checkpoint"] == "deit_w8a8.pt"
+    from qvit_export.onnx_export import file_sha256
+
+    assert meta["checkpoint_sha256"] == file_sha256(out)
+
+
+def test_image_folder_draws_and_writes_its_manifest(deit_weights, photo_folder, tmp_path):
+    """--calib FOLDER draws a class-balanced set and writes it beside the checkpoint, in the same transaction."""
+    out = tmp_path / "w4a4.pt"
+    r = run("qvit_quantize", "--model", "deit_tiny_patch16_224", "--weights", deit_weights, "--w-bits", 4,
+            "--a-bits", 8, "--calib", photo_folder, "--calib-images", 8, "--seed", 3, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    drawn = tmp_path / "w4a4.calib.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4a4.calib.json", "w4a4.pt"]
+    manifest = read_manifest(drawn)
+    assert len(manifest.images) == 8 and sorted({e.label for e in manifest.images}) == ["colour", "grey"]
+    assert read_checkpoint(out)["extra"]["calibration"] == manifest.record()
+    assert run("qvit_calib", "verify", drawn).returncode == 0
+    # the same draw from the library: the same manifest
+    from qvit_export.calibration_set import FolderSource, draw
+
+    assert draw(FolderSource(photo_folder), 8, seed=3, balanced=True, progress=False).to_json() == drawn.read_text()
+
+
+def test_engine_on_the_same_command(fmnist_teacher_ckpt, tmp_path):
+    """--engine goes on to the TensorRT-RTX plan; the whole set is written together."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    r = run("qvit_quantize", "--weights", fmnist_teacher_ckpt, "--bits", 4, "--irm", "--irm-steps", 20, "--calib",
+            "fashion-mnist", "--out", tmp_path / "w4a4.pt", "--engine", tmp_path / "w4a4.plan", *RTX,
+            "--parity-images", 500)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4a4.build.json", "w4a4.onnx", "w4a4.parity.json",
+                                                           "w4a4.plan", "w4a4.pt"]
+    summary = json.loads((tmp_path / "w4a4.build.json").read_text())["anatomy"]["summary"]
+    assert summary["float_gemms"] == 0 and summary["unmatched"] == 0 and summary["int8_gemms"] >= 14
+    assert "anatomy:" in r.stdout
+
+
+def test_refusals_write_nothing(fmnist_teacher_ckpt, deit_weights, tmp_path):
+    cases = [
+        (["--weights", fmnist_teacher_ckpt, "--calib", "fashion-mnist"], "bit widths"),
+        (["--model", "deit_tiny_patch16_224", "--bits", 8, "--calib", "photos"], "trained weights"),
+        (["--weights", fmnist_teacher_ckpt, "--bits", 8, "--calib", "fashion-mnist", "--precision", "int4"],
+         "--precision is an export option"),
+        (["--weights", deit_weights, "--bits", 8, "--calib", "photos"], "plain weights file"),
+        (["--model", "deit_small_patch16_224", "--weights", deit_weights, "--bits", 8, "--calib", "photos"],
+         "does not fit deit_small_patch16_224"),
+        (["--model", "deit_tiny_patch16_224", "--weights", fmnist_teacher_ckpt, "--bits", 8, "--calib", "photos"],
+         "holds a vit_tiny_patch16_224"),
+        (["--model", "deit_tiny_patch16_224", "--weights", deit_weights, "--bits", 8, "--calib", "fashion-mnist"],
+         "1x28x28"),
+        (["--weights", fmnist_teacher_ckpt, "--bits", 8, "--calib", "photos"], "fashion-mnist"),
+        (["--weights", fmnist_teacher_ckpt, "--bits", 8, "--calib", tmp_path / "none.json"], "not found"),
+        (["--weights", fmnist_teacher_ckpt, "--bits", 8, "--calib", "fashion-mnist", "--out", fmnist_teacher_ckpt],
+         "overwrite the input --weights"),
+    ]
+    for argv, needle in cases:
+        argv = [*argv] + ([] if "--out" in argv else ["--out", tmp_path / "q.pt"])
+        line = one_error_line(run("qvit_quantize", *argv))
+        assert needle in line, (argv, line)
+    assert list(tmp_path.iterdir()) == []
