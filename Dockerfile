@@ -25,6 +25,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 FROM base AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# qvit_export/recipes and qvit_export/calib link to these folders; the wheel carries copies of their files.
+COPY models ./models
+COPY calib ./calib
 COPY qvit_export ./qvit_export
 RUN python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 

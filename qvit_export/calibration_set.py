@@ -92,6 +92,8 @@ def _pil_transform(model, what: str):
     from .data import image_mode
     from .timm_models import input_shape
 
+    if model is None:
+        raise QvitError(f"{what} are preprocessed by the model's eval transform: pass the model")
     config = resolve_data_config({}, model=model)
     want = input_shape(model)
     if tuple(config["input_size"]) != tuple(want):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qvit_export import QuantConfig, calibrate, load_checkpoint, quantize, save_checkpoint
+from qvit_export import QuantConfig, QvitError, calibrate, load_checkpoint, quantize, save_checkpoint
 from qvit_export.calibration_set import (FashionMnistSource, FolderSource, draw, read_manifest, shipped_dir,
                                          shipped_names)
 from qvit_export.cli import calib_main
@@ -83,9 +83,9 @@ def test_verify_refuses_changed_and_missing_images(fmnist_folder, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(fmnist_folder, moved)
     assert run("qvit_calib", "verify", manifest, "--root", moved).returncode == 0
-    # and calibration refuses the changed folder the same way, before any work
-    with pytest.raises(Exception, match="2 of 9 images missing or changed"):
-        made.load(None, progress=False)
+    # and the library refuses the changed folder the same way
+    with pytest.raises(QvitError, match="2 of 9 images missing or changed"):
+        made.verify()
 
 
 def test_calibrate_records_the_set_in_checkpoint(small_vit, tmp_path):
@@ -110,3 +110,14 @@ def test_manifest_order_is_the_calibration_order(small_vit):
     by_batches = calibrate(quantize(small_vit, QuantConfig(w_bits=4, a_bits=4, irm=False)), batches, progress=False)
     a, b = by_name.state_dict(), by_batches.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+def test_recipes_take_a_manifest_or_draw_one():
+    from qvit_export.recipe import load_recipe
+    from qvit_export.trainer import calibration_set
+
+    named = calibration_set(load_recipe("demo_w4a4", {"calibration_set": "fashion-mnist"}), progress=False)
+    assert named.to_json() == read_manifest("fashion-mnist").to_json()
+    drawn = calibration_set(load_recipe("demo_w4a4", {"calibration_images": 50, "seed": 4}), progress=False)
+    assert (len(drawn.images), drawn.rule.seed, drawn.rule.balanced) == (50, 4, True)
+    assert sorted(Counter(e.label for e in drawn.images).values()) == [5] * 10

@@ -27,3 +27,7 @@ def test_image_shape():
     assert 'ENTRYPOINT ["qvit-export"]' in text and "USER 1000" in text and "[trt]" in text
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ignored[1:3] == ["*", "!pyproject.toml"] and "!qvit_export/" in ignored
+    # the package's recipes/ and calib/ are links to these folders: the build context and stage need them too
+    # (tests/test_packaging.py builds its wheel from the same set of files)
+    assert {"!models/", "!calib/"} <= set(ignored)
+    assert "COPY models ./models" in text and "COPY calib ./calib" in text

@@ -27,7 +27,7 @@ from qvit_export import cli
 from qvit_export.onnx_export import file_sha256
 
 TOOLS = {"qvit-export": cli.export_main, "qvit-eval": cli.eval_main, "qvit-report": cli.report_main,
-         "qvit-train": cli.train_main}
+         "qvit-train": cli.train_main, "qvit-quantize": cli.quantize_main, "qvit-calib": cli.calib_main}
 RTX = ["--target", "tensorrt-rtx", "--compute-capability", "sm89"]
 
 
@@ -120,7 +120,7 @@ def _tamper(ckpt: Path, dest: Path, key: str, value: float) -> Path:
 
 
 @pytest.fixture(scope="module")
-def inputs(fmnist_w4a4_ckpt, fmnist_teacher, fmnist_calibration, photos_224, tmp_path_factory):
+def inputs(fmnist_w4a4_ckpt, fmnist_teacher, fmnist_calibration, photos_224, photo_folder, tmp_path_factory):
     """Bad and good inputs the cases need, made once."""
     folder = tmp_path_factory.mktemp("inputs")
     ckpt = fmnist_w4a4_ckpt
@@ -150,6 +150,20 @@ def inputs(fmnist_w4a4_ckpt, fmnist_teacher, fmnist_calibration, photos_224, tmp
     for split in ("train", "val"):
         shutil.copytree(junk, folder / "junk_split" / split / "class_a")
     paths["junk_split"] = folder / "junk_split"
+    torch.manual_seed(0)
+    torch.save(create_model("deit_tiny_patch16_224", num_classes=10).state_dict(), folder / "deit_tiny_10.pth")
+    paths["deit_weights"] = folder / "deit_tiny_10.pth"
+    # a folder calibration set whose images changed after the draw (one replaced by another real image)
+    shutil.copytree(photo_folder, folder / "photos_changed")
+    assert cli.calib_main(["draw", "--source", str(folder / "photos_changed"), "--images", "6", "--out",
+                           str(folder / "changed.json")]) == 0
+    first = json.loads((folder / "changed.json").read_text())["images"][0]["id"]
+    shutil.copy(folder / "photos_changed" / "train" / "colour" / "coffee.png", folder / "photos_changed" / first)
+    if first.endswith("coffee.png"):
+        shutil.copy(folder / "photos_changed" / "train" / "grey" / "camera.png", folder / "photos_changed" / first)
+    paths["changed_manifest"], paths["changed_image"] = folder / "changed.json", first
+    (folder / "not_a_manifest.json").write_text('{"format": "something else"}')
+    paths["not_manifest"] = folder / "not_a_manifest.json"
     run_dir = folder / "run"
     run_dir.mkdir()
     (run_dir / "last.pt").write_bytes(b"a run")
@@ -271,6 +285,71 @@ CASES = [
     ("train-resume-with-recipe", "qvit-train", ["--resume", "{in:run}/last.pt", "--recipe", "demo_fp"], 2,
      ["--resume"]),
     ("train-out-holds-a-run", "qvit-train", ["--recipe", "demo_fp", "--out", "{in:run}"], 2, ["--resume"]),
+    # qvit-quantize: the same guarantees as qvit-export for the set it writes
+    ("quantize-out-over-weights", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 8, "--calib", "fashion-mnist",
+                                                    "--out", "{in:fp}"], 2, ["overwrite the input --weights"]),
+    ("quantize-onnx-is-out", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 8, "--calib", "fashion-mnist", "--out",
+                                               "{out}/m.onnx", "--onnx", "{out}/m.onnx"], 2, ["same file"]),
+    ("quantize-no-bits", "qvit-quantize", ["--weights", "{in:fp}", "--calib", "fashion-mnist", "--out", "{out}/q.pt"],
+     2, ["--bits"]),
+    ("quantize-bits-5", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 5, "--calib", "fashion-mnist", "--out",
+                                          "{out}/q.pt"], 2, ["--bits"]),
+    ("quantize-random-weights", "qvit-quantize", ["--model", "deit_tiny_patch16_224", "--bits", 8, "--calib", "photos",
+                                                  "--out", "{out}/q.pt"], 2, ["--weights", "--pretrained"]),
+    ("quantize-weights-missing", "qvit-quantize", ["--weights", "{out}/none.pt", "--bits", 8, "--calib",
+                                                   "fashion-mnist", "--out", "{out}/q.pt"], 2, ["not found"]),
+    ("quantize-weights-truncated", "qvit-quantize", ["--weights", "{in:cut}", "--bits", 8, "--calib", "fashion-mnist",
+                                                     "--out", "{out}/q.pt"], 2, ["truncated"]),
+    ("quantize-quantized-weights", "qvit-quantize", ["--weights", "{in:ckpt}", "--bits", 8, "--calib",
+                                                     "fashion-mnist", "--out", "{out}/q.pt"], 2, ["already quantized"]),
+    ("quantize-weights-of-another-model", "qvit-quantize", ["--model", "deit_small_patch16_224", "--weights",
+                                                            "{in:deit_weights}", "--bits", 8, "--calib", "photos",
+                                                            "--out", "{out}/q.pt"], 2, ["does not fit", "--model-arg"]),
+    ("quantize-unknown-model", "qvit-quantize", ["--model", "no_such_model", "--weights", "{in:deit_weights}", "--bits",
+                                                 8, "--calib", "photos", "--out", "{out}/q.pt"], 2,
+     ["unknown timm model"]),
+    ("quantize-grey-set-for-rgb", "qvit-quantize", ["--model", "deit_tiny_patch16_224", "--weights",
+                                                    "{in:deit_weights}", "--bits", 8, "--calib", "fashion-mnist",
+                                                    "--out", "{out}/q.pt"], 2, ["1x28x28", "3x224x224"]),
+    ("quantize-calib-missing", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 8, "--calib", "{out}/none.json",
+                                                 "--out", "{out}/q.pt"], 2, ["calibration set", "not found"]),
+    ("quantize-calib-not-manifest", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 8, "--calib",
+                                                      "{in:not_manifest}", "--out", "{out}/q.pt"], 2,
+     ["not a calibration manifest"]),
+    ("quantize-calib-changed", "qvit-quantize", ["--model", "deit_tiny_patch16_224", "--weights", "{in:deit_weights}",
+                                                 "--bits", 8, "--calib", "{in:changed_manifest}", "--out",
+                                                 "{out}/q.pt"], 2, ["1 of 6 images missing or changed",
+                                                                    "{in:changed_image} changed"]),
+    ("quantize-calib-folder-not-images", "qvit-quantize", ["--model", "deit_tiny_patch16_224", "--weights",
+                                                           "{in:deit_weights}", "--bits", 8, "--calib", "{in:junk}",
+                                                           "--calib-images", 4, "--out", "{out}/q.pt"], 2,
+     ["cannot read image"]),
+    ("quantize-export-option-alone", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 8, "--calib", "fashion-mnist",
+                                                       "--out", "{out}/q.pt", "--dtype", "fp16"], 2,
+     ["--dtype is an export option"]),
+    ("quantize-parity-fails", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 8, "--calib", "fashion-mnist",
+                                                "--out", "{out}/m.pt", "--onnx", "{out}/m.onnx", "--max-lsb", 0,
+                                                "--parity-images", 1000], 2,
+     ["parity below thresholds", "m.parity.failed.json"], ("m.parity.failed.json",)),
+    ("quantize-tensorrt-missing", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 8, "--calib", "fashion-mnist",
+                                                    "--out", "{out}/m.pt", "--engine", "{out}/m.plan", "--target",
+                                                    "tensorrt"], 2, ["no TensorRT"]),
+    # qvit-calib
+    ("calib-too-many-images", "qvit-calib", ["draw", "--source", "photos", "--images", 18, "--out", "{out}/c.json"], 2,
+     ["fewer than the 18"]),
+    ("calib-balanced-photos", "qvit-calib", ["draw", "--source", "photos", "--images", 4, "--balanced", "--out",
+                                             "{out}/c.json"], 2, ["no classes", "--balanced"]),
+    ("calib-images-0", "qvit-calib", ["draw", "--source", "photos", "--images", 0, "--out", "{out}/c.json"], 2,
+     ["--images"]),
+    ("calib-not-json", "qvit-calib", ["draw", "--source", "photos", "--images", 4, "--out", "{out}/c.txt"], 2, [".json"]),
+    ("calib-out-is-folder", "qvit-calib", ["draw", "--source", "photos", "--images", 4, "--out", "{out}"], 2,
+     [".json"]),
+    ("calib-source-missing", "qvit-calib", ["draw", "--source", "{out}/nowhere", "--images", 4, "--out",
+                                            "{out}/c.json"], 2, ["not found"]),
+    ("calib-verify-changed", "qvit-calib", ["verify", "{in:changed_manifest}"], 2,
+     ["1 of 6 images missing or changed", "{in:changed_image} changed"]),
+    ("calib-verify-not-manifest", "qvit-calib", ["verify", "{in:ckpt}"], 2, ["calibration set"]),
+    ("calib-verify-unknown-name", "qvit-calib", ["verify", "no-such-set"], 2, ["not found", "fashion-mnist, photos"]),
 ]
 
 
@@ -289,7 +368,8 @@ def _has_tensorrt() -> bool:
 
 
 MACHINE = {"eval-engine-without-gpu": (torch.cuda.is_available(), "a CUDA GPU is here"),
-           "tensorrt-missing": (_has_tensorrt(), "NVIDIA TensorRT is installed here")}
+           "tensorrt-missing": (_has_tensorrt(), "NVIDIA TensorRT is installed here"),
+           "quantize-tensorrt-missing": (_has_tensorrt(), "NVIDIA TensorRT is installed here")}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=pytest.mark.skipif(MACHINE[c[0]][0], reason=MACHINE[c[0]][1]) if c[0] in MACHINE
@@ -297,6 +377,7 @@ MACHINE = {"eval-engine-without-gpu": (torch.cuda.is_available(), "a CUDA GPU is
 def test_command_fault(case, out, inputs):
     name, tool, argv, expected, needles, *evidence = case
     argv = [_fill(a, out, inputs) for a in argv]
+    needles = [_fill(n, out, inputs) for n in needles]
     before = snapshot(out)
     inputs_before = {k: hashlib.sha256(Path(v).read_bytes()).hexdigest() for k, v in inputs.items() if Path(v).is_file()}
     code, stderr = invoke(tool, argv)

@@ -66,7 +66,14 @@ def test_qat_steps_lower_the_loss(teacher_ckpt, tmp_path, figures):
     figures(f"QAT W4A4 IRM+DGD, 10 steps of 64 images: loss {before:.3f} -> {after:.3f} (DGD {dgd_before:.2f} -> "
             f"{dgd_after:.2f}), val top-1 {result['best']['val_top1']:.1f}% on 500 images")
     assert after < before and dgd_after < dgd_before
-    assert {p.name for p in tmp_path.iterdir()} == {"recipe.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png"}
+    assert {p.name for p in tmp_path.iterdir()} == {"recipe.yaml", "calibration.json", "metrics.csv", "last.pt",
+                                                    "best.pt", "curves.png"}
+    # the run names the images that calibrated it: a class-balanced draw from the training data, recorded in best.pt
+    from qvit_export.calibration_set import read_manifest
+
+    drawn = read_manifest(tmp_path / "calibration.json")
+    assert drawn.rule.balanced and drawn.source == {"kind": "fashion-mnist", "split": "train"}
+    assert read_checkpoint(tmp_path / "best.pt")["extra"]["calibration"] == drawn.record()
 
 
 def test_autocast_path(teacher_ckpt, tmp_path):
