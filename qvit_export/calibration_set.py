@@ -84,24 +84,12 @@ class Source:
 
 
 def _pil_transform(model, what: str):
-    """timm's eval transform for ``model`` and the PIL mode of its images; refused in one line when timm's data
-    config for the model describes another input than the one it was built with (a 1x28x28 ViT keeps its
-    architecture's 3x224x224 config)."""
-    from timm.data import create_transform, resolve_data_config
-
-    from .data import image_mode
-    from .timm_models import input_shape
+    """timm's eval transform for ``model`` at its input size, and the PIL mode of its images."""
+    from .data import eval_transform, image_mode
 
     if model is None:
         raise QvitError(f"{what} are preprocessed by the model's eval transform: pass the model")
-    config = resolve_data_config({}, model=model)
-    want = input_shape(model)
-    if tuple(config["input_size"]) != tuple(want):
-        raise QvitError(f"{what} would go through this model's timm eval transform as "
-                        f"{'x'.join(map(str, config['input_size']))} images but the model takes "
-                        f"{'x'.join(map(str, want))}: calibrate it on a set of its own data (e.g. fashion-mnist for a "
-                        "1x28x28 model)")
-    return create_transform(**config, is_training=False), image_mode(model)
+    return eval_transform(model, what), image_mode(model)
 
 
 @register_source

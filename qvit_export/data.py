@@ -63,16 +63,39 @@ def fashion_mnist(split: str = "train", root=None, limit: int | None = None) -> 
     return TensorDataset(x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
 
 
+def data_config(model, what: str = "images") -> dict:
+    """timm's data config for ``model`` (interpolation, crop, mean and std of its pretrained config) at the input
+    size the model was built with: timm resolves the architecture's own size, which a model created with another
+    ``img_size`` does not take. A model with other input channels than its config's normalisation (the 1x28x28
+    demo ViT) has no such config: refused in one line, naming ``what`` would have gone through it."""
+    from timm.data import resolve_data_config
+
+    from .timm_models import input_shape
+
+    config = resolve_data_config({}, model=model)
+    want = input_shape(model)
+    if len(config["mean"]) != want[0]:
+        raise QvitError(f"{what} would go through timm's eval transform for {want[0]}-channel input normalised for "
+                        f"{len(config['mean'])} channels: this model ({'x'.join(map(str, want))}) takes data of its own "
+                        "kind (e.g. fashion-mnist for a 1x28x28 model)")
+    return config | {"input_size": tuple(want)}
+
+
+def eval_transform(model, what: str = "images"):
+    """timm's eval transform (resize, centre crop, normalise) for ``model`` (see ``data_config``)."""
+    from timm.data import create_transform
+
+    return create_transform(**data_config(model, what), is_training=False)
+
+
 def photo_batch(model, names=PHOTOS) -> torch.Tensor:
     """scikit-image photographs as one batch, preprocessed by timm's eval transform for ``model``
     (resize, centre crop and normalisation resolved from the model's pretrained config)."""
     import skimage.data
     from PIL import Image
-    from timm.data import create_transform, resolve_data_config
 
-    cfg = resolve_data_config({}, model=model)
-    transform = create_transform(**cfg, is_training=False)
-    mode = "L" if cfg["input_size"][0] == 1 else "RGB"
+    transform = eval_transform(model, "the photographs")
+    mode = image_mode(model)
     images = []
     for name in names:
         array = getattr(skimage.data, name)()
@@ -130,14 +153,11 @@ def image_mode(model) -> str:
 
 def image_folder(root, model, flag: str = "--data"):
     """An ImageNet-layout folder (class sub-folders, or train/ and val/ splits) through timm's eval transform."""
-    from timm.data import create_transform, resolve_data_config
-
     root = Path(root)
     if not root.is_dir():
         raise QvitError(f"image folder {flag} {root} not found: give a folder of class sub-folders of images")
     split = next((s for s in ("val", "validation", "test") if (root / s).is_dir()), "")
-    return folder_dataset(root / split, create_transform(**resolve_data_config({}, model=model), is_training=False),
-                          image_mode(model))
+    return folder_dataset(root / split, eval_transform(model, f"the images of {flag} {root}"), image_mode(model))
 
 
 def evaluation_dataset(spec: str, model, flag: str = "--data"):

@@ -95,13 +95,15 @@ def _folder_split(root: Path, names: tuple[str, ...]) -> Path:
 
 
 def _image_folder(recipe: dict, model) -> tuple[Dataset, Dataset]:
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
+
+    from .data import data_config
 
     root = Path(recipe["data"])
     if not root.is_dir():
         raise QvitError(f"data folder not found: {root} (use 'fashion-mnist', or an ImageNet-layout folder with "
                         "train/ and val/)")
-    config = resolve_data_config({}, model=model)
+    config = data_config(model, f"the images of {root}")
     aug = recipe["augment"]
     plain = create_transform(**config, is_training=False)
     augmented = create_transform(**config, is_training=True, hflip=aug["hflip"], scale=tuple(aug["scale"]),

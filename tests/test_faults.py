@@ -246,8 +246,10 @@ CASES = [
                                           "--parity-images", 300], 2, ["float GEMMs", "m.build.failed.json"],
      ("m.build.failed.json",)),
     # unreadable data
-    ("parity-data-not-images", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-data",
+    ("parity-data-not-images", "qvit-export", ["--ckpt", "{in:rgb}", "--onnx", "{out}/m.onnx", "--parity-data",
                                                "{in:junk}"], 2, ["cannot read image", "img0.png"]),
+    ("parity-folder-for-grey-model", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-data",
+                                                     "{in:junk}"], 2, ["--parity-data", "1x28x28"]),
     ("parity-data-missing", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-data",
                                             "{out}/nowhere"], 2, ["--parity-data", "not found"]),
     ("parity-data-grey-for-rgb", "qvit-export", ["--ckpt", "{in:rgb}", "--onnx", "{out}/m.onnx", "--parity-data",
@@ -259,7 +261,7 @@ CASES = [
     ("eval-batch-size-0", "qvit-eval", ["--ckpt", "{in:ckpt}", "--batch-size", 0], 2, ["--batch-size"]),
     ("eval-onnx-missing", "qvit-eval", ["--onnx", "{out}/none.onnx"], 2, ["ONNX model not found"]),
     ("eval-engine-without-gpu", "qvit-eval", ["--engine", "{out}/m.plan"], 2, ["CUDA"]),
-    ("eval-data-not-images", "qvit-eval", ["--ckpt", "{in:ckpt}", "--data", "{in:junk}"], 2, ["cannot read image"]),
+    ("eval-data-not-images", "qvit-eval", ["--ckpt", "{in:rgb}", "--data", "{in:junk}"], 2, ["cannot read image"]),
     ("eval-data-missing", "qvit-eval", ["--ckpt", "{in:ckpt}", "--data", "{out}/nowhere"], 2, ["--data", "not found"]),
     ("eval-grey-data-for-rgb", "qvit-eval", ["--ckpt", "{in:rgb}", "--data", "fashion-mnist"], 2, ["--data"]),
     ("eval-json-over-ckpt", "qvit-eval", ["--ckpt", "{in:ckpt}", "--json", "{in:ckpt}"], 2, ["--json", "--ckpt"]),
@@ -411,9 +413,14 @@ def test_a_successful_export_replaces_the_whole_set_and_clears_old_evidence(out,
 
 def test_unreadable_training_image_is_one_line_from_a_loader_worker(inputs, tmp_path):
     """qvit-train reads images in DataLoader worker processes, which wrap an error in their own traceback."""
+    rgb = "model_kwargs={img_size: 28, patch_size: 4, in_chans: 3, num_classes: 10, embed_dim: 64, depth: 1, num_heads: 2}"
     code, stderr = invoke("qvit-train", ["--recipe", "demo_fp", "--data", inputs["junk_split"], "--set", "workers=2",
-                                         "--batch-size", 4, "--out", tmp_path / "run", "--no-progress"])
+                                         "--set", rgb, "--batch-size", 4, "--out", tmp_path / "run", "--no-progress"])
     assert_one_line(code, stderr, 2, "cannot read image", "img")
+    # the grey demo ViT has no eval transform for folders (timm's config normalises three channels): one line
+    code, stderr = invoke("qvit-train", ["--recipe", "demo_fp", "--data", inputs["junk_split"], "--batch-size", 4,
+                                         "--out", tmp_path / "run", "--no-progress"])
+    assert_one_line(code, stderr, 2, "1x28x28", "fashion-mnist")
 
 
 # ---- the API ---------------------------------------------------------------------------------------

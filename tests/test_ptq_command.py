@@ -76,17 +76,30 @@ def test_timm_weights_on_photos_straight_to_onnx(deit_weights, tmp_path):
     assert meta["checkpoint_sha256"] == file_sha256(out)
 
 
-def test_image_folder_draws_and_writes_its_manifest(deit_weights, photo_folder, tmp_path):
-    """--calib FOLDER draws a class-balanced set and writes it beside the checkpoint, in the same transaction."""
-    out = tmp_path / "w4a4.pt"
-    r = run("qvit_quantize", "--model", "deit_tiny_patch16_224", "--weights", deit_weights, "--w-bits", 4,
-            "--a-bits", 8, "--calib", photo_folder, "--calib-images", 8, "--seed", 3, "--out", out)
+SMALL_RGB = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
+
+
+def test_image_folder_draws_and_writes_its_manifest(photo_folder, tmp_path):
+    """--calib FOLDER draws a class-balanced set and writes it beside the checkpoint, in the same transaction; a
+    model built at another size than its architecture's (--model-arg) gets timm's eval transform at its size."""
+    torch.manual_seed(0)
+    weights = tmp_path / "small_vit.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=2, **SMALL_RGB).state_dict(), weights)
+    out = tmp_path / "out" / "w4a8.pt"
+    args = [arg for key, value in SMALL_RGB.items() for arg in ("--model-arg", f"{key}={value}")]
+    r = run("qvit_quantize", "--model", "vit_tiny_patch16_224", "--weights", weights, *args, "--w-bits", 4,
+            "--a-bits", 8, "--calib", photo_folder, "--calib-images", 8, "--seed", 3, "--out", out,
+            "--onnx", out.with_suffix(".onnx"), "--parity-data", photo_folder)
     assert r.returncode == 0, r.stderr[-2000:]
-    drawn = tmp_path / "w4a4.calib.json"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4a4.calib.json", "w4a4.pt"]
+    drawn = out.with_name("w4a8.calib.json")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["w4a8.calib.json", "w4a8.onnx", "w4a8.parity.json",
+                                                            "w4a8.pt"]
     manifest = read_manifest(drawn)
     assert len(manifest.images) == 8 and sorted({e.label for e in manifest.images}) == ["colour", "grey"]
-    assert read_checkpoint(out)["extra"]["calibration"] == manifest.record()
+    ckpt = read_checkpoint(out)
+    assert ckpt["extra"]["calibration"] == manifest.record()
+    assert ckpt["model"]["kwargs"] == SMALL_RGB | {"num_classes": 2}  # num_classes read from the weights
+    assert "parity data: 17 images of" in r.stdout
     assert run("qvit_calib", "verify", drawn).returncode == 0
     # the same draw from the library: the same manifest
     from qvit_export.calibration_set import FolderSource, draw
