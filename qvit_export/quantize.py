@@ -87,6 +87,23 @@ def quantizers_disabled(model: nn.Module, weights: bool = True):
             q.enabled = enabled
 
 
+# The smallest step training may leave: LSQQuantizer's forward clamps a step at float32's tiny, below which no
+# gradient flows, so a step that an optimizer update pushes through zero would stay there for good, its channel
+# quantized to zeros and its checkpoint refused by check_steps. Measured: the demo W4A4 student (AdamW, lr 2e-4,
+# one epoch) drove one of 384 per-channel qkv weight steps to -1.0e-3. At this floor every code saturates, so the
+# step's gradient (qmax or qmin per element) is alive and the step can grow back.
+MIN_STEP = 1e-8
+
+
+def clamp_steps(model: nn.Module) -> None:
+    """Keep every learned step at or above MIN_STEP (after each optimizer update)."""
+    import torch
+
+    with torch.no_grad():
+        for _, q in quantizers(model):
+            q.step.clamp_(min=MIN_STEP)
+
+
 def check_steps(model: nn.Module, source: str) -> None:
     """Refuse a calibrated quantizer whose step is zero, negative, NaN or infinite (a damaged checkpoint or a
     broken calibration: such a step exports as a scale of 1.2e-38 or inf), naming the quantizer."""

@@ -34,7 +34,7 @@ from .checkpoint import load_model_file, read_checkpoint, save_checkpoint
 from .config import QuantConfig
 from .distill import dgd_loss, logit_distillation, tapped
 from .errors import QvitError
-from .quantize import quantize, set_quantizers_enabled
+from .quantize import clamp_steps, quantize, set_quantizers_enabled
 from .recipe import quant_config, to_yaml
 from .train import evaluation_sums, metrics_from_sums
 from .train_data import set_epoch, training_data
@@ -299,6 +299,8 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe["clip_grad"])
         self.scaler.step(self.optimizer)
+        if self.recipe["mode"] == "qat":
+            clamp_steps(self.model)  # a step pushed through zero would die (quantize.MIN_STEP)
         self.scaler.update()
         self.schedule.step()
         return loss.detach(), parts

@@ -147,3 +147,22 @@ def test_input_model_is_left_untouched():
     fp = create_model("test_vit")
     quantize(fp, QuantConfig())
     assert not any(isinstance(m, QuantLinear) for m in fp.modules())
+
+
+def test_a_step_pushed_through_zero_comes_back(small_vit, fmnist_calibration):
+    """A step an optimizer update pushed below zero is put back at MIN_STEP, where its gradient is alive (at the
+    forward's own floor, float32's tiny, it is zero: the channel would stay dead)."""
+    from qvit_export.quantize import MIN_STEP, clamp_steps
+
+    qm = calibrate(quantize(small_vit, QuantConfig(w_bits=4, a_bits=4, irm=False)), fmnist_calibration[:1],
+                   progress=False)
+    q = qm.get_submodule("blocks.0.attn.qkv.weight_quantizer")
+    with torch.no_grad():
+        q.step[0] = -1e-3
+    qm(fmnist_calibration[0][:16]).square().mean().backward()
+    assert q.step.grad[0].item() == 0  # dead where it is
+    qm.zero_grad()
+    clamp_steps(qm)
+    assert q.step[0].item() == pytest.approx(MIN_STEP) and bool((q.step > 0).all())
+    qm(fmnist_calibration[0][:16]).square().mean().backward()
+    assert q.step.grad[0].item() != 0
