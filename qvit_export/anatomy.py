@@ -17,6 +17,13 @@ that compute them and of the DequantizeLinear nodes that feed them. ``analyze`` 
   weight-only INT8), ``float`` (Half/Float operands only: the quantization was dropped);
 - its *helper kernels*: kernels with no runtime input that read the layer's constant weight and exist only for
   it (an Int4→Int8 cast, a separate dequantization): work done on every inference that a fused GEMM does not do.
+
+A layer may own several GEMMs: an attention's INT8-weight qkv is exported as three MatMuls, one per q, k and v
+slice of its weight (onnx_export.ExportQKV), which TensorRT-RTX merges into one kernel that names all three. Each
+is placed on its own and listed with its ``part``. In the summary, ``quantized_layers`` counts layers (each
+quantized Linear/Conv once, and per attention its two matmuls); ``int8_gemms``, ``int4_weight_gemms``,
+``float_gemms``, ``weight_casts`` and ``unmatched`` count the ONNX GEMMs (and their helpers), so a split qkv is one
+layer and three int8 GEMMs; ``kernels`` counts the engine's kernels, not its cross-stream events.
 """
 from __future__ import annotations
 
@@ -72,12 +79,18 @@ class Kernel:
     def shape_only(self) -> bool:
         return self.layer_type.lower() == "shape_call"
 
+    @property
+    def event(self) -> bool:
+        """A cross-stream ``signal`` or ``wait`` (listed with an ``EventId``), not a kernel: TensorRT-RTX 1.7 ran
+        independent GEMMs on several streams (measured: q, k, v as three MatMuls under float activations)."""
+        return self.layer_type.lower() in ("signal", "wait")
+
 
 # ---- reading ---------------------------------------------------------------------------------------
 
 _LINE = re.compile(r"^Name: (?P<name>.*?), LayerType: (?P<type>[^,]*), Inputs: \[(?P<inputs>.*?)\], "
                    r"Constants: \[(?P<constants>.*?)\], Outputs: \[(?P<outputs>.*?)\], TacticName: (?P<tactic>.*?), "
-                   r"StreamId: \S*, Metadata: (?P<meta>.*)$")
+                   r"StreamId: \S*, (?:EventId: \S*, )?Metadata: (?P<meta>.*)$")
 _TENSOR = re.compile(r"\{ Name: (?P<name>.*?), Dimensions: \[(?P<dims>[^\]]*)\].*?Datatype: (?P<dtype>\w+)")
 _ONNX_NODE = re.compile(r"\[ONNX Layer: (.*?)\]")
 
@@ -157,6 +170,7 @@ class LayerAnatomy:
     layer: str
     onnx_node: str
     kind: str                       # int8 | int4-weight | int8-weight | float | unmatched
+    part: str | None = None         # the slice of a layer exported as several GEMMs ('q', 'k', 'v' of a qkv)
     kernel: str | None = None
     layer_type: str | None = None
     input_dtypes: list[str] = field(default_factory=list)
@@ -195,7 +209,7 @@ def export_reasons(metadata: dict[str, str]) -> dict[str, str]:
 
 
 def analyze(kernels: list[Kernel], ops: list[dict], reasons: dict[str, str] | None = None) -> dict:
-    """The anatomy: {'summary': {SUMMARY_KEYS}, 'layers': [...], 'kernel_types': {...}}.
+    """The anatomy: {'summary': {SUMMARY_KEYS}, 'layers': [one entry per GEMM], 'kernel_types': {...}}.
 
     ``ops``: ``onnx_graph.quantized_ops`` of the ONNX that was built. ``reasons``: {layer: why} for layers the
     export deliberately left off INT8×INT8 (an 8-bit edge layer in a weight-only graph, a K that is no
@@ -208,7 +222,7 @@ def analyze(kernels: list[Kernel], ops: list[dict], reasons: dict[str, str] | No
         nodes = {op["node"]} | ({op["weight_dq"]} if op["weight_dq"] else set())
         mine = [k for k in kernels if op["node"] in k.onnx_nodes]
         compute = next((k for k in mine if k.computes), None)
-        entry = LayerAnatomy(op["layer"], op["node"], "unmatched", reason=reasons.get(op["layer"]))
+        entry = LayerAnatomy(op["layer"], op["node"], "unmatched", op.get("part"), reason=reasons.get(op["layer"]))
         if compute is not None:
             entry.kind, entry.weight_dtype = _classify(compute)
             entry.kernel, entry.layer_type = compute.name, compute.layer_type
@@ -234,8 +248,8 @@ def analyze(kernels: list[Kernel], ops: list[dict], reasons: dict[str, str] | No
     for k in kernels:
         types[k.layer_type] = types.get(k.layer_type, 0) + 1
     summary = {
-        "kernels": sum(1 for k in kernels if not k.shape_only),
-        "quantized_layers": len(layers),
+        "kernels": sum(1 for k in kernels if not (k.shape_only or k.event)),
+        "quantized_layers": len({e.layer for e in layers}),  # layers; every other count is of GEMMs
         "int8_gemms": sum(1 for e in layers if e.kind == "int8"),
         "int4_weight_gemms": sum(1 for e in layers if e.kind == "int4-weight"),
         "float_gemms": sum(1 for e in layers if e.kind == "float"),
@@ -243,6 +257,7 @@ def analyze(kernels: list[Kernel], ops: list[dict], reasons: dict[str, str] | No
         "unmatched": sum(1 for e in layers if e.kind == "unmatched"),
     }
     return {"summary": summary, "int8_weight_gemms": sum(1 for e in layers if e.kind == "int8-weight"),
+            "stream_events": sum(1 for k in kernels if k.event),
             "layers": [asdict(e) for e in layers], "kernel_types": dict(sorted(types.items()))}
 
 
@@ -256,5 +271,5 @@ def summary_line(anatomy: dict) -> str:
 
 
 def float_gemm_layers(anatomy: dict) -> list[dict]:
-    """The layers that run as float GEMMs and whose export did not choose that."""
+    """The GEMMs that run in float and whose export did not choose that (a qkv layer may appear once per slice)."""
     return [e for e in anatomy["layers"] if e["kind"] == "float" and not e["reason"]]

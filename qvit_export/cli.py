@@ -272,15 +272,11 @@ def _print_written(args, outputs: dict, parity: bool, built: dict | None) -> Non
 
 
 def _checkpoint_metadata(path: Path, ckpt: dict) -> dict:
-    """What the ONNX records about the checkpoint it came from (and the calibration set behind it)."""
+    """What the ONNX records about the checkpoint it came from (the calibration set comes with the model)."""
     from .onnx_export import file_sha256
 
-    extra = ckpt["extra"]
-    metadata = {"checkpoint_sha256": file_sha256(path), "checkpoint": path.name, "model": ckpt["model"],
-                "recipe": extra.get("recipe", {"quant": ckpt["quant"]}), "metrics": ckpt.get("metrics", {})}
-    if extra.get("calibration") is not None:
-        metadata["calibration"] = extra["calibration"]
-    return metadata
+    return {"checkpoint_sha256": file_sha256(path), "checkpoint": path.name, "model": ckpt["model"],
+            "recipe": ckpt["extra"].get("recipe", {"quant": ckpt["quant"]}), "metrics": ckpt.get("metrics", {})}
 
 
 def export_main(argv=None) -> int:

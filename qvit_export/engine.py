@@ -263,7 +263,8 @@ def check_float_gemms(report: dict, report_path, allow_float_gemms: bool) -> Non
     if floats and not allow_float_gemms:
         evidence = evidence_path(report_path)
         write_text(evidence, json.dumps(report, indent=2, sort_keys=True))
-        names = ", ".join(e["layer"] for e in floats[:3]) + (f" and {len(floats) - 3} more" if len(floats) > 3 else "")
+        layers = list(dict.fromkeys(e["layer"] for e in floats))  # a qkv layer's three slices: named once
+        names = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
         raise QvitError(f"TensorRT runs quantized layer(s) {names} as float GEMMs ({floats[0]['kernel']}: inputs "
                         f"{'/'.join(floats[0]['input_dtypes']) or 'none'}): the QDQ pattern did not fuse; no plan "
                         f"written, anatomy in {evidence} (pass --allow-float-gemms to keep such an engine)")

@@ -8,6 +8,9 @@ The quantized model is copied into an *export twin* whose layers emit TensorRT's
   ``precision="int4"`` rewrites the ≤4-bit MatMul weights as INT4 initializers in blocks of 64 or 128 along K
   (opset 21, TensorRT's documented INT4 form); ``"int4-weight-only"`` does the same and leaves every activation
   quantizer out (activations in the graph's dtype), which is TensorRT's INT4 path (W4A16);
+- an attention's qkv Linear with INT8 weights as three MatMuls (q, k, v) on its one input QDQ, each with its
+  columns of the codes, scales and bias, concatenated back (ExportQKV: TensorRT-RTX ran the single MatMul as a
+  float GEMM at 8-bit activations without IRM);
 - IRM's LayerNorm on q and k, then the folded attention scale, then q's QDQ; k is quantized already
   transposed; v and the softmax output get their own QDQ.
 Every quantizer's scale initializer is named after the quantizer, which ties ONNX nodes to PyTorch modules.
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import QvitError
-from .layers import QuantConv2d, QuantLinear
+from .layers import QuantAttentionMixin, QuantConv2d, QuantLinear
 from .lsq import LSQQuantizer
 from .timm_models import input_shape
 
@@ -171,6 +174,51 @@ class ExportLinear(_ExportWeightLayer):
         return y if self.bias is None else y + self.bias
 
 
+class _ColumnSlice(nn.Module):
+    """Columns of an ExportLinear's stored [K, N] weight, with their scales, zero points and bias: a MatMul of its
+    own, under its own DequantizeLinear, on the input that the whole layer quantized."""
+
+    def __init__(self, whole: ExportLinear, columns: slice):
+        super().__init__()
+        self.register_buffer("weight_codes", whole.weight_codes[:, columns].contiguous())
+        self.register_buffer("weight_scale", whole.weight_scale[columns].contiguous())
+        self.register_buffer("weight_zero", whole.weight_zero[columns].contiguous())
+        self.bias = None if whole.bias is None else nn.Parameter(whole.bias[columns].clone(), requires_grad=False)
+
+    def forward(self, x):
+        y = torch.matmul(x, _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero, 1))
+        return y if self.bias is None else y + self.bias
+
+
+class ExportQKV(nn.Module):
+    """An attention's qkv Linear as three MatMuls on its one input QDQ, concatenated back: ``q``, ``k`` and ``v``
+    each read their columns of the INT8 codes ([K, 3·dim] → [K, dim]), scales and bias; the attention reshapes
+    and unbinds the [.., 3·dim] result as it does timm's. ONNX Runtime's logits equal the single MatMul's bit for bit.
+
+    Why (TensorRT-RTX 1.7, SM89): one qkv MatMul ran as a float GEMM at 8-bit activations without IRM (W8A8 and
+    W4A8; not with IRM's LayerNorm after it, nor at 4-bit activations): Myelin moved the head reshape, transpose
+    and split behind the GEMM into its weight (a helper kernel dequantizes and permutes it, then
+    ``__myl_CastMulFc``). Split, Myelin merges the three INT8 GEMMs back into one kernel
+    (``<v>/MatMul+<k>/MatMul+<q>/MatMul``) and every qkv is INT8, with fewer kernels than before (W8A8: demo ViT
+    36 → 30, DeiT-Ti 233 → 198, Swin-T 240 → 216) and the same number with IRM (demo 32, DeiT-Ti 198, Swin-T 216).
+    Without the Concat (q, k, v straight into the heads) the GEMMs are INT8 too but each block has 2 more kernels.
+    Not split (_splits_qkv): INT4-weight qkv layers (never float; split, each block casts and multiplies three
+    INT4 weights instead of one: DeiT-Ti int4 246 → 294 kernels) and weight-only graphs (Swin's INT8 K=96 qkv
+    split: 2 more kernels each). The slices are named ``<layer>.q`` / ``.k`` / ``.v`` (onnx_graph.SLICES).
+    """
+
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype):
+        super().__init__()
+        whole = ExportLinear(layer, dtype)
+        self.input_quantizer = whole.input_quantizer
+        dim = whole.weight_codes.shape[1] // 3
+        self.q, self.k, self.v = (_ColumnSlice(whole, slice(i * dim, (i + 1) * dim)) for i in range(3))
+
+    def forward(self, x):
+        x = self.input_quantizer(x)
+        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+
+
 class ExportConv2d(_ExportWeightLayer):
     """x → QDQ → Conv with DQ(INT8 weight [Cout, Cin, kh, kw], axis 0).
 
@@ -253,6 +301,17 @@ def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
                                 "with per-tensor activation quantizers (the default QuantConfig)")
 
 
+# Tests switch it off to export the single qkv MatMul of earlier versions, which the split graph must equal.
+SPLIT_QKV = True
+
+
+def _splits_qkv(name: str, parent: nn.Module, activations: bool, int4: list[str]) -> bool:
+    """Whether the Linear ``name`` is an attention's qkv that ExportQKV writes as three MatMuls: INT8 weights
+    under quantized activations (ExportQKV says why not the others)."""
+    return SPLIT_QKV and name.rpartition(".")[2] == "qkv" and isinstance(parent, QuantAttentionMixin) \
+        and activations and name not in int4
+
+
 def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None = None) -> nn.Module:
     """A copy of the quantized model whose layers emit the QDQ graph; same maths, ONNX-friendly form.
     ``int4``: the layers whose weights become INT4 blocks (default: ``int4_layers`` for an int4 precision)."""
@@ -268,11 +327,13 @@ def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None
             continue
         parent_name, _, child = name.rpartition(".")
         parent = twin.get_submodule(parent_name) if parent_name else twin
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, QuantLinear) and _splits_qkv(name, parent, activations, int4):
+            setattr(parent, child, ExportQKV(mod, dtype))
+        elif isinstance(mod, QuantLinear):
             setattr(parent, child, ExportLinear(mod, dtype, activations, flatten=name in flattened))
         elif isinstance(mod, QuantConv2d):
             setattr(parent, child, ExportConv2d(mod, dtype, activations))
-        elif isinstance(mod, LSQQuantizer) and not isinstance(parent, (ExportLinear, ExportConv2d)):
+        elif isinstance(mod, LSQQuantizer) and not isinstance(parent, (ExportLinear, ExportQKV, ExportConv2d)):
             setattr(parent, child, ActivationQDQ(mod, dtype) if activations else PassThrough())
         elif isinstance(mod, nn.LayerNorm):
             setattr(parent, child, DecomposedLayerNorm(mod) if options.decompose_layernorm else _plain_layernorm(mod))
@@ -317,6 +378,8 @@ def onnx_model(model: nn.Module, options: ExportOptions = ExportOptions(), metad
         stored["float_weight_layers"] = {
             name: "weight-only: TensorRT has no weight-only convolution, so its 8-bit weights are stored dequantized "
                   "(same values)" for name, m in twin.named_modules() if isinstance(m, ExportConv2d) and m.store_float}
+    if getattr(model, "qvit_calibration", None) is not None:  # which calibration set (calibrate() records it)
+        stored["calibration"] = model.qvit_calibration
     dtype = torch.float16 if options.dtype == "fp16" else torch.float32
     # A dynamic batch is traced at 2 so that no shape specialises on 1.
     dummy = torch.zeros(2 if options.dynamic_batch else 1, *input_shape(model), dtype=dtype)

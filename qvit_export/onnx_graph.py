@@ -1,7 +1,9 @@
 """Surgery and inspection on the exported ONNX graph (onnx protos only; no torch).
 
 - names every Clip/QuantizeLinear/DequantizeLinear after the quantizer whose scale it reads, and every MatMul/Conv
-  that a quantized layer computes after that layer (prepare), so TensorRT's kernels can be traced back to it;
+  that a quantized layer computes after that layer (prepare), so TensorRT's kernels can be traced back to it; a
+  layer exported as column slices (an attention's qkv: '<attn>.qkv.q', '.k', '.v', SLICES) names each slice's
+  weight DequantizeLinear and MatMul after the slice, and ``sliced``/``weight_quantizer`` map it back;
 - rewrites ≤4-bit MatMul weights as INT4 initializers in blocks of 64 or 128 along K (our per-channel step
   repeated per block, so the values are unchanged);
 - records metadata, and saves atomically;
@@ -31,6 +33,26 @@ def quantizer_of(scale_name: str) -> str | None:
     return None
 
 
+# Layers that the export writes as column slices, one MatMul each ({layer's last name: its slices in column
+# order}): an attention's qkv as '<attn>.qkv.q', '.k' and '.v' (onnx_export.ExportQKV). A Linear has no
+# submodules, so no PyTorch module has such a name.
+SLICES = {"qkv": ("q", "k", "v")}
+
+
+def sliced(name: str) -> tuple[str, str | None]:
+    """'blocks.0.attn.qkv.k' → ('blocks.0.attn.qkv', 'k'): the layer a slice belongs to; other names → (name, None)."""
+    layer, _, part = name.rpartition(".")
+    return (layer, part) if part in SLICES.get(layer.rpartition(".")[2], ()) else (name, None)
+
+
+def weight_quantizer(owner: str) -> tuple[str, str | None]:
+    """The PyTorch weight quantizer and slice of a weight DequantizeLinear's owner:
+    'blocks.0.attn.qkv.v.weight_quantizer' → ('blocks.0.attn.qkv.weight_quantizer', 'v')."""
+    base, _, role = owner.rpartition(".")
+    layer, part = sliced(base)
+    return f"{layer}.{role}", part
+
+
 def qdq_counts(model) -> Counter:
     return Counter(n.op_type for n in model.graph.node if n.op_type in QDQ_OPS)
 
@@ -54,12 +76,25 @@ def quantize_outputs(model) -> dict[str, str]:
 
 
 def weight_initializers(model) -> dict[str, np.ndarray]:
-    """{weight quantizer name: integer codes as stored} for every weight DequantizeLinear."""
+    """{weight quantizer name: integer codes as stored} for every weight DequantizeLinear. A layer stored as
+    column slices (SLICES) is put back together in column order, so every stored code is compared."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    return {_owner(node): numpy_helper.to_array(inits[node.input[0]]) for node in model.graph.node
-            if node.op_type == "DequantizeLinear" and node.input[0] in inits and _owner(node)}
+    parts: dict[str, dict[str | None, np.ndarray]] = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and _owner(node):
+            quantizer, part = weight_quantizer(_owner(node))
+            parts.setdefault(quantizer, {})[part] = numpy_helper.to_array(inits[node.input[0]])
+    return {q: found[None] if list(found) == [None] else np.concatenate([found[p] for p in _ordered(q, found)], -1)
+            for q, found in parts.items()}
+
+
+def _ordered(quantizer: str, found: dict) -> list:
+    """The slices of ``quantizer``'s layer that the graph holds, in column order (a missing one leaves a gap that
+    the shape comparison catches)."""
+    order = SLICES.get(quantizer.rsplit(".", 2)[-2], ())
+    return [p for p in order if p in found] + [p for p in found if p not in order]
 
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
@@ -97,9 +132,10 @@ def _name_compute_nodes(model) -> None:
 
 
 def quantized_ops(model) -> list[dict]:
-    """Every quantized computation in the graph, in graph order: {'layer', 'node', 'op', 'weight_dq',
+    """Every quantized computation in the graph, in graph order: {'layer', 'part', 'node', 'op', 'weight_dq',
     'input_dq', 'weight_dtype'}. 'layer' is the PyTorch module ('blocks.0.mlp.fc1') or, for attention,
-    '<attn>.scores' / '<attn>.context'; 'input_dq' lists the activation DequantizeLinear nodes feeding it."""
+    '<attn>.scores' / '<attn>.context'; 'part' names the slice of a layer stored as several MatMuls ('q', 'k',
+    'v' of '<attn>.qkv', SLICES), else None; 'input_dq' lists the activation DequantizeLinear nodes feeding it."""
     from onnx import TensorProto
 
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -116,7 +152,8 @@ def quantized_ops(model) -> list[dict]:
         if not dqs and not (len(node.input) > 1 and node.input[1] in inits):
             continue
         stored = inits[weight[0].input[0]] if weight else inits.get(node.input[1])
-        entry = {"layer": layer if kind == node.op_type else f"{layer}.{kind}", "node": node.name, "op": node.op_type,
+        layer, part = sliced(layer) if kind == node.op_type else (f"{layer}.{kind}", None)
+        entry = {"layer": layer, "part": part, "node": node.name, "op": node.op_type,
                  "weight_dq": weight[0].name if weight else None,
                  "input_dq": [d.name for d in dqs if d.input[0] not in inits],
                  "weight_dtype": TensorProto.DataType.Name(stored.data_type).lower() if stored is not None else None}

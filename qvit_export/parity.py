@@ -9,7 +9,8 @@
   outputs change which kernels ORT fuses, so they never touch the logits session). PyTorch then runs each
   layer on ORT's quantized inputs (every quantizer hands on ORT's codes), so a code that flips is counted in
   the layer where it flips, not again in every layer downstream of it.
-- Weights: the stored INT8/INT4 initializers against the PyTorch codes, exactly.
+- Weights: the stored INT8/INT4 initializers against the PyTorch codes, exactly (a qkv stored as q, k and v
+  slices is put back together first: onnx_graph.weight_initializers).
 - A weight-only graph (``int4-weight-only``) has no activation quantizers: it is compared with the PyTorch model
   whose activation quantizers are switched off, on logits and stored weights.
 """

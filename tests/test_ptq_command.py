@@ -57,23 +57,32 @@ def deit_weights(tmp_path_factory):
     return path
 
 
-def test_timm_weights_on_photos_straight_to_onnx(deit_weights, tmp_path):
-    """A timm weights file with its own head: num_classes read from it; --onnx goes on to export with parity."""
+def test_timm_weights_on_photos_to_an_engine(deit_weights, tmp_path, figures):
+    """The two commands of the README: timm weights with their own head (num_classes read from the file) ->
+    qvit-quantize on the photographs -> qvit-export with parity and an SM89 plan whose every quantized GEMM,
+    qkv included (W8A8 without IRM), runs on INT8."""
     out = tmp_path / "deit_w8a8.pt"
     r = run("qvit_quantize", "--model", "deit_tiny_patch16_224", "--weights", deit_weights, "--bits", 8,
-            "--calib", "photos", "--out", out, "--onnx", tmp_path / "deit_w8a8.onnx")
+            "--calib", "photos", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "parity data: 17 scikit-image photographs" in r.stdout and "top-1 agreement 100.000%" in r.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["deit_w8a8.onnx", "deit_w8a8.parity.json", "deit_w8a8.pt"]
     ckpt = read_checkpoint(out)
     assert ckpt["model"] == {"name": "deit_tiny_patch16_224", "kwargs": {"num_classes": 10}}
     assert ckpt["extra"]["calibration"]["name"] == "photos"
+    plan = tmp_path / "deit_w8a8.plan"
+    e = run("qvit_export", "--ckpt", out, "--engine", plan, *RTX)
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert "parity data: 17 scikit-image photographs" in e.stdout and "top-1 agreement 100.000%" in e.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deit_w8a8.build.json", "deit_w8a8.onnx",
+                                                          "deit_w8a8.parity.json", "deit_w8a8.plan", "deit_w8a8.pt"]
+    summary = json.loads((tmp_path / "deit_w8a8.build.json").read_text())["anatomy"]["summary"]
+    figures("qvit-quantize deit_tiny W8A8 (photos) -> qvit-export SM89: " + next(
+        ln for ln in e.stdout.splitlines() if ln.startswith("anatomy:")))
+    assert summary["float_gemms"] == 0 and summary["unmatched"] == 0
     meta = _metadata(tmp_path / "deit_w8a8.onnx")
     assert json.loads(meta["calibration"])["sha256"] == read_manifest("photos").sha256
-    assert meta["checkpoint"] == "deit_w8a8.pt"
     from qvit_export.onnx_export import file_sha256
 
-    assert meta["checkpoint_sha256"] == file_sha256(out)
+    assert meta["checkpoint"] == "deit_w8a8.pt" and meta["checkpoint_sha256"] == file_sha256(out)
 
 
 SMALL_RGB = {"img_size": 64, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
