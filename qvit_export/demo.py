@@ -34,11 +34,6 @@ DEMO_MODEL, DEMO_KWARGS = _FP["model"], dict(_FP["model_kwargs"])
 CALIBRATION_SET = "fashion-mnist"  # calib/fashion-mnist.json: 1,024 training images, 102-103 per class
 
 
-def fashion_teacher(workdir) -> torch.nn.Module:
-    """The FP demo ViT trained on Fashion-MNIST with recipe demo_fp, reused from ``workdir``/fp when finished."""
-    return load_checkpoint(train_or_reuse(load_recipe("demo_fp"), Path(workdir) / "fp"))
-
-
 def calibration_batches(batch_size: int = 256) -> list[torch.Tensor]:
     """The images of the demo's calibration set (checked against its manifest), as a list of batches."""
     return read_manifest(CALIBRATION_SET).batches(None, batch_size, progress=False)
