@@ -169,7 +169,8 @@ def plot(results: dict, path: Path) -> None:
                 ax.text(i, 0.5, "float\nmodel", ha="center", fontsize=7)
         ax.set_title(name.split("_patch")[0], fontsize=9)
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-    axes[0].set_ylabel("kernels per inference") if len(names) > 1 else axes.set_ylabel("kernels per inference")
+    label = "GEMMs (split qkv: 3) + weight casts"
+    axes[0].set_ylabel(label, fontsize=8) if len(names) > 1 else axes.set_ylabel(label, fontsize=8)
     (axes[0] if len(names) > 1 else axes).legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
