@@ -148,20 +148,30 @@ def load_checkpoint(path) -> nn.Module:
     return model_from_checkpoint(read_checkpoint(path), path)
 
 
+def read_weights_file(path) -> tuple[dict | None, dict]:
+    """One read of ``path``: (our checkpoint, checked, or None for a timm weights file; the state dict)."""
+    path = Path(path)
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") is not None:
+        ckpt = _checked(obj, path)
+        return ckpt, ckpt["state_dict"]
+    return None, _state_dict_of(obj, path)
+
+
 def load_model_file(path, name: str | None = None, kwargs: dict | None = None) -> nn.Module:
     """A model from one read of ``path``: our checkpoint (it names its model), or a timm weights file for the
     timm model ``name`` built with ``kwargs``."""
     from .timm_models import create_model
 
     path = Path(path)
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and obj.get("format") is not None:
-        return model_from_checkpoint(_checked(obj, path), path)
+    ckpt, state = read_weights_file(path)
+    if ckpt is not None:
+        return model_from_checkpoint(ckpt, path)
     if not name:
         raise QvitError(f"{path} is a plain weights file: say which timm model it belongs to")
     model = create_model(name, **(kwargs or {}))
     try:
-        model.load_state_dict(_state_dict_of(obj, path))
+        model.load_state_dict(state)
     except RuntimeError as e:
         raise QvitError(f"{path} does not fit {name}: {str(e).splitlines()[0]}") from None
     return model

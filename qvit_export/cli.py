@@ -157,10 +157,11 @@ def _default_onnx(args) -> Path:
     return ckpt.with_name(f"{ckpt.stem}.{args.precision}.onnx")
 
 
-_EXPORT_DEFAULTS = {"precision": "int8", "int4_block": 64, "dtype": "fp32", "opset": None, "static_batch": False,
-                    "decompose_layernorm": False, "no_simplify": False, "parity_data": "auto", "parity_images": 1000,
-                    "parity_report": None, "min_top1_agreement": None, "min_code_match": None, "max_lsb": 1,
-                    "no_parity": False}
+def _given_export_options(args) -> list[str]:
+    """The graph and parity options (of ``_add_export_options``) given a value other than their default."""
+    p = argparse.ArgumentParser(add_help=False)
+    _add_export_options(p)
+    return [a.option_strings[0] for a in p._actions if a.option_strings and getattr(args, a.dest) != a.default]
 
 
 def _export_plan(args) -> tuple[dict, dict, list]:
@@ -360,10 +361,9 @@ def quantize_main(argv=None) -> int:
         raise QvitError("--pretrained needs --model: a timm model name")
     export = bool(args.onnx or args.engine)
     if not export:
-        given = [k for k, v in _EXPORT_DEFAULTS.items() if getattr(args, k) != v]
+        given = _given_export_options(args)
         if given:
-            flag = "--" + given[0].replace("_", "-")
-            raise QvitError(f"{flag} is an export option: add --onnx or --engine, or drop {flag}")
+            raise QvitError(f"{given[0]} is an export option: add --onnx or --engine, or drop {given[0]}")
     from .calibration_set import is_manifest_spec
 
     out_path = Path(args.out)

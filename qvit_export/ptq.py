@@ -31,9 +31,10 @@ def _inferred_kwargs(name: str, state: dict, kwargs: dict) -> dict:
     return out
 
 
-def fp_model(name: str | None = None, weights=None, pretrained: bool = False, model_kwargs: dict | None = None) -> nn.Module:
+def fp_model(name: str | None = None, weights=None, pretrained: bool = False,
+             model_kwargs: dict | None = None) -> nn.Module:
     """The FP model to quantize, in eval mode."""
-    from .checkpoint import FORMAT, _state_dict_of, _torch_load, model_from_checkpoint, _checked
+    from .checkpoint import model_from_checkpoint, read_weights_file
     from .timm_models import create_model
 
     kwargs = dict(model_kwargs or {})
@@ -51,9 +52,8 @@ def fp_model(name: str | None = None, weights=None, pretrained: bool = False, mo
         raise QvitError("PTQ needs trained weights: give --weights FILE (timm weights or our FP checkpoint) or "
                         "--pretrained")
     path = Path(weights)
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        ckpt = _checked(obj, path)
+    ckpt, state = read_weights_file(path)
+    if ckpt is not None:
         if ckpt["quant"] is not None:
             raise QvitError(f"{path} is already quantized: give the FP model's weights (a qvit-train mode=fp "
                             "best.pt or a timm weights file)")
@@ -68,7 +68,6 @@ def fp_model(name: str | None = None, weights=None, pretrained: bool = False, mo
 
     if not timm.is_model(name):
         raise QvitError(f"unknown timm model '{name}': pick a name from timm.list_models('deit*') or ('swin*')")
-    state = _state_dict_of(obj, path)
     kwargs = _inferred_kwargs(name, state, kwargs)
     model = create_model(name, **kwargs)
     try:
