@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -114,10 +115,9 @@ class FashionMnistSource(Source):
 
     def _load(self):
         if self._arrays is None:
-            from .data import _FILES, _find, fashion_mnist_dir, read_idx
+            from .data import fashion_mnist_arrays
 
-            root = fashion_mnist_dir()
-            self._arrays = tuple(read_idx(_find(root, stem)) for stem in _FILES[self.split])
+            self._arrays = fashion_mnist_arrays(self.split)
         return self._arrays
 
     def candidates(self) -> list[tuple]:
@@ -142,14 +142,11 @@ class FashionMnistSource(Source):
 
     def preprocess(self, images, model):
         import numpy as np
-        import torch
 
-        from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+        from .data import fashion_mnist_tensor
 
         self.check_model(model)
-        x = torch.from_numpy(np.stack([pixels for _, pixels in images]).copy()).float()
-        x = x.div_(255).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
-        return x.unsqueeze(1)
+        return fashion_mnist_tensor(np.stack([pixels for _, pixels in images]))
 
     def dataset_hint(self) -> str:
         return "fashion-mnist"
@@ -192,18 +189,10 @@ class PhotoSource(Source):
         _pil_transform(model, "the photographs")
 
     def preprocess(self, images, model):
-        import numpy as np
-        from PIL import Image
+        from .data import photo_tensor
 
-        import torch
-
-        transform, mode = _pil_transform(model, "the photographs")
-        out = []
-        for _, array in images:
-            if array.dtype != np.uint8:
-                array = (array * 255).astype(np.uint8)
-            out.append(transform(Image.fromarray(array).convert(mode)))
-        return torch.stack(out)
+        self.check_model(model)
+        return photo_tensor([array for _, array in images], model)
 
 
 @register_source
@@ -376,12 +365,11 @@ class CalibrationSet:
     def open_source(self, root=None) -> Source:
         return SOURCES[self.source["kind"]].from_entry(self.source, root)
 
-    def check(self, root=None, progress: bool = False) -> tuple[list, list]:
-        """Read every image; ((identity, image) pairs, problems), the problems naming each missing or changed
-        image."""
+    def _read(self, source: Source, progress: bool) -> list:
+        """Every image as (identity, image), after checking each against the manifest; one line naming the
+        missing or changed ones otherwise."""
         from tqdm.auto import tqdm
 
-        source = self.open_source(root)
         expected = {e.id: e.sha256 for e in self.images}
         found, problems = [], []
         reader = source.read([e.id for e in self.images])
@@ -393,27 +381,22 @@ class CalibrationSet:
                 problems.append(f"{ident} changed")
             else:
                 found.append((ident, image))
-        return found, problems
-
-    def _failure(self, problems: list, root=None) -> QvitError:
-        shown = ", ".join(problems[:5]) + (f", ... ({len(problems)} in all)" if len(problems) > 5 else "")
-        where = f" in {root or self.source.get('root')}" if self.source["kind"] == "folder" else ""
-        return QvitError(f"calibration set {self.name}: {len(problems)} of {len(self.images)} images missing or "
-                         f"changed{where} ({shown}): restore them, or draw the set again with qvit-calib draw")
+        if problems:
+            shown = ", ".join(problems[:5]) + (f", ... ({len(problems)} in all)" if len(problems) > 5 else "")
+            where = f" in {source.root}" if isinstance(source, FolderSource) else ""
+            raise QvitError(f"calibration set {self.name}: {len(problems)} of {len(self.images)} images missing or "
+                            f"changed{where} ({shown}): restore them, or draw the set again with qvit-calib draw")
+        return found
 
     def verify(self, root=None, progress: bool = False) -> None:
         """Raise, naming them, when any listed image is missing or its content changed."""
-        _, problems = self.check(root, progress)
-        if problems:
-            raise self._failure(problems, root)
+        self._read(self.open_source(root), progress)
 
     def load(self, model, root=None, progress: bool = True):
         """The images as the model's input [N, C, H, W], after checking every one against the manifest."""
-        self.open_source(root).check_model(model)
-        images, problems = self.check(root, progress)
-        if problems:
-            raise self._failure(problems, root)
-        return self.open_source(root).preprocess(images, model)
+        source = self.open_source(root)
+        source.check_model(model)  # before any image is read
+        return source.preprocess(self._read(source, progress), model)
 
     def batches(self, model, batch_size: int = 256, root=None, progress: bool = True) -> list:
         x = self.load(model, root, progress)
@@ -441,7 +424,8 @@ def draw(source: Source, images: int, seed: int = 0, balanced: bool = False, nam
             raise QvitError(f"the {source.kind} have no classes to balance: drop --balanced")
         classes = sorted({label for _, _, label in keyed})
         quota = {c: images // len(classes) + (1 if i < images % len(classes) else 0) for i, c in enumerate(classes)}
-        short = [c for c in classes if sum(1 for _, _, lb in keyed if lb == c) < quota[c]]
+        sizes = Counter(label for _, _, label in keyed)
+        short = [c for c in classes if sizes[c] < quota[c]]
         if short:
             raise QvitError(f"class {short[0]} has fewer than {quota[short[0]]} images: ask for fewer --images or "
                             "drop --balanced")

@@ -161,7 +161,8 @@ def _given_export_options(args) -> list[str]:
     """The graph and parity options (of ``_add_export_options``) given a value other than their default."""
     p = argparse.ArgumentParser(add_help=False)
     _add_export_options(p)
-    return [a.option_strings[0] for a in p._actions if a.option_strings and getattr(args, a.dest) != a.default]
+    defaults = vars(p.parse_args([]))
+    return ["--" + dest.replace("_", "-") for dest, value in defaults.items() if getattr(args, dest) != value]
 
 
 def _export_plan(args) -> tuple[dict, dict, list]:
@@ -272,11 +273,12 @@ def _print_written(args, outputs: dict, parity: bool, built: dict | None) -> Non
         print(summary_line(anatomy) if "summary" in anatomy else f"anatomy: skipped ({anatomy['skipped']})")
 
 
-def _checkpoint_metadata(path: Path, ckpt: dict) -> dict:
-    """What the ONNX records about the checkpoint it came from (the calibration set comes with the model)."""
+def _checkpoint_metadata(path: Path, ckpt: dict, name: str | None = None) -> dict:
+    """What the ONNX records about the checkpoint it came from (the calibration set comes with the model);
+    ``name``: the file's final name when ``path`` is still a staged file."""
     from .onnx_export import file_sha256
 
-    return {"checkpoint_sha256": file_sha256(path), "checkpoint": path.name, "model": ckpt["model"],
+    return {"checkpoint_sha256": file_sha256(path), "checkpoint": name or path.name, "model": ckpt["model"],
             "recipe": ckpt["extra"].get("recipe", {"quant": ckpt["quant"]}), "metrics": ckpt.get("metrics", {})}
 
 
@@ -389,7 +391,7 @@ def quantize_main(argv=None) -> int:
             w_bits=w_bits, a_bits=a_bits, irm=args.irm, method=args.method, irm_steps=args.irm_steps,
             calib=args.calib, calib_images=args.calib_images, seed=args.seed, calib_root=args.calib_root,
             batch_size=args.batch_size)
-        from .checkpoint import read_checkpoint, save_checkpoint
+        from .checkpoint import save_checkpoint
 
         extra = {"dataset": hint, "ptq": {"method": args.method, "irm_steps": args.irm_steps if args.irm else 0,
                                           "seed": args.seed, "weights": Path(args.weights).name if args.weights
@@ -401,8 +403,8 @@ def quantize_main(argv=None) -> int:
               f"{calib_set.name} ({len(calib_set.images)} images, sha256 {calib_set.sha256[:12]})", flush=True)
         built = None
         if export:
-            ckpt = read_checkpoint(out.stage("--out"))
-            metadata = _checkpoint_metadata(out.stage("--out"), ckpt) | {"checkpoint": out_path.name}
+            ckpt = {"model": model.qvit_source, "quant": model.qvit_config.to_dict(), "extra": extra}  # as saved
+            metadata = _checkpoint_metadata(out.stage("--out"), ckpt, out_path.name)
             built = _export_staged(out, args, outputs, model, metadata, hint, batch)
         else:
             out.commit()

@@ -51,16 +51,27 @@ def _find(root: Path, stem: str) -> Path:
                     "'apt-get install dataset-fashion-mnist' or set QVIT_FASHION_MNIST to the folder of the IDX files")
 
 
-def fashion_mnist(split: str = "train", root=None, limit: int | None = None) -> TensorDataset:
-    """Images as normalised float tensors [N, 1, 28, 28] with int64 labels, held in memory."""
+def fashion_mnist_arrays(split: str = "train", root=None) -> tuple[np.ndarray, np.ndarray]:
+    """The raw split: uint8 images [N, 28, 28] and uint8 labels [N], as the IDX files hold them."""
     if split not in _FILES:
         raise QvitError(f"split {split!r} is unknown: choose train or test")
     root = fashion_mnist_dir(root)
     images, labels = (read_idx(_find(root, stem)) for stem in _FILES[split])
+    return images, labels
+
+
+def fashion_mnist_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images [N, 28, 28] → normalised float [N, 1, 28, 28], the demo ViT's input."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255).sub_(FASHION_MNIST_MEAN)
+    return x.div_(FASHION_MNIST_STD).unsqueeze(1)
+
+
+def fashion_mnist(split: str = "train", root=None, limit: int | None = None) -> TensorDataset:
+    """Images as normalised float tensors [N, 1, 28, 28] with int64 labels, held in memory."""
+    images, labels = fashion_mnist_arrays(split, root)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    x = torch.from_numpy(images.copy()).float().div_(255).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
-    return TensorDataset(x.unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+    return TensorDataset(fashion_mnist_tensor(images), torch.from_numpy(labels.astype(np.int64)))
 
 
 def data_config(model, what: str = "images") -> dict:
@@ -92,13 +103,17 @@ def photo_batch(model, names=PHOTOS) -> torch.Tensor:
     """scikit-image photographs as one batch, preprocessed by timm's eval transform for ``model``
     (resize, centre crop and normalisation resolved from the model's pretrained config)."""
     import skimage.data
+
+    return photo_tensor([getattr(skimage.data, name)() for name in names], model)
+
+
+def photo_tensor(arrays: list, model) -> torch.Tensor:
+    """Photographs (scikit-image pixel arrays) through timm's eval transform for ``model``, as one batch."""
     from PIL import Image
 
-    transform = eval_transform(model, "the photographs")
-    mode = image_mode(model)
+    transform, mode = eval_transform(model, "the photographs"), image_mode(model)
     images = []
-    for name in names:
-        array = getattr(skimage.data, name)()
+    for array in arrays:
         if array.dtype != np.uint8:
             array = (array * 255).astype(np.uint8)
         images.append(transform(Image.fromarray(array).convert(mode)))

@@ -73,10 +73,9 @@ def fmnist_folder(tmp_path_factory):
     """60 Fashion-MNIST test images as PNG files, 20 in each of three class folders."""
     from PIL import Image
 
-    from qvit_export.data import FASHION_MNIST_CLASSES, read_idx, _find, fashion_mnist_dir
+    from qvit_export.data import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 
-    images = read_idx(_find(fashion_mnist_dir(), "t10k-images-idx3-ubyte"))
-    labels = read_idx(_find(fashion_mnist_dir(), "t10k-labels-idx1-ubyte"))
+    images, labels = fashion_mnist_arrays("test")
     root = tmp_path_factory.mktemp("fmnist_folder")
     for label in (0, 1, 9):
         folder = root / FASHION_MNIST_CLASSES[label].replace("/", "-").replace(" ", "-")
