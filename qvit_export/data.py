@@ -62,7 +62,7 @@ def fashion_mnist_arrays(split: str = "train", root=None) -> tuple[np.ndarray, n
 
 def fashion_mnist_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 images [N, 28, 28] → normalised float [N, 1, 28, 28], the demo ViT's input."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255).sub_(FASHION_MNIST_MEAN)
+    x = torch.from_numpy(np.array(images)).float().div_(255).sub_(FASHION_MNIST_MEAN)  # a copy: IDX arrays are read-only
     return x.div_(FASHION_MNIST_STD).unsqueeze(1)
 
 
