@@ -1,12 +1,15 @@
-"""Export benchmark: ONNX Runtime CPU latency of the FP32 model vs our QDQ exports, export wall time, and
+"""Export benchmark: ONNX Runtime CPU latency of the FP32 model vs our QDQ exports, export wall time of both
+export routes (torch.export 'dynamo', the default, and PyTorch's deprecated TorchScript exporter), and
 TensorRT-RTX plan sizes (FP16 / INT8 / INT4), measured side by side in one run.
 
-    .venv/bin/python benchmarks/export_bench.py [--models deit_tiny_patch16_224 deit_small_patch16_224]
-                                                [--repeats 15] [--out benchmarks/results]
+    .venv/bin/python benchmarks/export_bench.py [--models deit_tiny_patch16_224 deit_small_patch16_224 ...]
+                                                [--repeats 15] [--export-repeats 3] [--out benchmarks/results]
 
 Models are random-init (no model hub here): latency and size do not depend on the weights' values. Latency
 runs are interleaved round-robin across the variants of one model and batch size, so machine noise hits
-them alike; the table reports medians and the ratio to FP32.
+them alike; the table reports medians and the ratio to FP32. Export times are medians of ``--export-repeats``
+exports per route, the routes interleaved; each graph of a route is checked to hold the same QDQ nodes as the
+other's before it is timed.
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from datetime import date
 from pathlib import Path
 
@@ -28,20 +30,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qvit_export import QuantConfig, calibrate, create_model, quantize  # noqa: E402
 from qvit_export.data import photo_batch  # noqa: E402
-from qvit_export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from qvit_export.onnx_export import ExportOptions, export_onnx, onnx_model  # noqa: E402
+from qvit_export.onnx_graph import qdq_counts, save_atomic  # noqa: E402
+from qvit_export.onnx_routes import DEFAULT_ROUTE, ROUTES, route  # noqa: E402
 from qvit_export.parity import ort_session  # noqa: E402
 
 
 def export_fp(model, path: Path, dtype=torch.float32, shape=(3, 224, 224)) -> Path:
-    """The float model as timm gives it, through the same TorchScript exporter (opset 17)."""
+    """The float model as timm gives it, through the default export route at opset 18 (its lowest native one)."""
     model = model.to(dtype).eval()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(2, *shape, dtype=dtype),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    save_atomic(route(DEFAULT_ROUTE).trace(model, torch.zeros(2, *shape, dtype=dtype), 18, True), path)
     model.float()
     return path
+
+
+def export_seconds(qm, repeats: int) -> dict[str, float]:
+    """{route: median seconds of onnx_model (trace, onnxsim, checks)}, the routes interleaved."""
+    times = {name: [] for name in ROUTES}
+    counts = {}
+    for _ in range(repeats):
+        for name in ROUTES:
+            start = time.perf_counter()
+            graph = onnx_model(qm, ExportOptions(exporter=name))
+            times[name].append(time.perf_counter() - start)
+            counts[name] = qdq_counts(graph)
+    if len({tuple(sorted(c.items())) for c in counts.values()}) != 1:
+        raise SystemExit(f"the routes wrote different QDQ nodes: {counts}")
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def latency(paths: dict[str, Path], images: torch.Tensor, batch: int, repeats: int) -> dict[str, float]:
@@ -75,16 +90,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["deit_tiny_patch16_224", "deit_small_patch16_224"])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--export-repeats", type=int, default=3)
     parser.add_argument("--plans-for", default="deit_small_patch16_224")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+    results = {"date": date.today().isoformat(), "export_repeats": args.export_repeats, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
                f"{platform.processor() or 'cpu'}", "onnxruntime_threads": "default", "models": {}}
     import onnxruntime
 
-    results["versions"] = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    import onnxscript
+
+    results["versions"] = {"torch": torch.__version__, "onnxscript": onnxscript.__version__,
+                           "onnxruntime": onnxruntime.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in args.models:
@@ -96,9 +115,10 @@ def main(argv=None) -> int:
             row = {"export_seconds": {}, "onnx_mb": {}}
             for bits in (8, 4):
                 qm = calibrate(quantize(fp, QuantConfig(w_bits=bits, a_bits=bits, irm=True)), [images], irm_steps=0)
-                start = time.perf_counter()
                 paths[f"W{bits}A{bits} QDQ"] = export_onnx(qm, tmp / f"{name}_w{bits}.onnx")
-                row["export_seconds"][f"W{bits}A{bits}"] = round(time.perf_counter() - start, 2)
+                seconds = export_seconds(qm, args.export_repeats)
+                row["export_seconds"][f"W{bits}A{bits}"] = {k: round(v, 2) for k, v in seconds.items()}
+                print(f"  W{bits}A{bits} export: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
                 if name == args.plans_for:
                     row.setdefault("plans", {})
                     fp16 = export_fp(fp, tmp / f"{name}_fp16.onnx", torch.float16)
@@ -123,14 +143,22 @@ def markdown(results: dict) -> str:
     lines = [f"# Export benchmark ({results['date']})", "",
              f"Machine: {results['machine']}; {', '.join(f'{k} {v}' for k, v in results['versions'].items())}. "
              "ONNX Runtime CPU execution provider, default graph optimizations; medians of interleaved runs.", "",
-             "| model | variant | ONNX MB | batch 1 ms | vs FP32 | batch 32 ms | vs FP32 | export s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | variant | ONNX MB | batch 1 ms | vs FP32 | batch 32 ms | vs FP32 |",
+             "|---|---|---|---|---|---|---|"]
     for name, row in results["models"].items():
         b1, b32 = row["latency_ms_b1"], row["latency_ms_b32"]
         for variant in b1:
-            export_s = row["export_seconds"].get(variant.split()[0], "")
             lines.append(f"| {name} | {variant} | {row['onnx_mb'][variant]} | {b1[variant]} | "
-                         f"{b1[variant] / b1['FP32']:.2f}× | {b32[variant]} | {b32[variant] / b32['FP32']:.2f}× | {export_s} |")
+                         f"{b1[variant] / b1['FP32']:.2f}× | {b32[variant]} | {b32[variant] / b32['FP32']:.2f}× |")
+    routes = list(ROUTES)
+    lines += ["", "Export time (`onnx_model`: trace, onnxsim, checks; median of "
+              f"{results.get('export_repeats', 1)}, routes interleaved), seconds:", "",
+              "| model | bits | " + " | ".join(routes) + f" | {routes[0]} / {routes[1]} |",
+              "|---|---|" + "---|" * (len(routes) + 1)]
+    for name, row in results["models"].items():
+        for bits, per_route in row["export_seconds"].items():
+            lines.append(f"| {name} | {bits} | " + " | ".join(str(per_route[r]) for r in routes)
+                         + f" | {per_route[routes[0]] / per_route[routes[1]]:.1f}× |")
     for name, row in results["models"].items():
         if "plans" in row:
             lines += ["", f"TensorRT-RTX 1.7 plans for {name}, built ahead of time for SM89 (no GPU):", "",

@@ -118,6 +118,11 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decompose-layernorm", action="store_true",
                    help="write LayerNorm as elementary ops (TensorRT 8.5 / JetPack 5)")
     g.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
+    from .onnx_routes import DEFAULT_ROUTE, ROUTES
+
+    g.add_argument("--exporter", choices=tuple(ROUTES), default=DEFAULT_ROUTE,
+                   help="PyTorch's ONNX exporter: dynamo (torch.export, the default) or torchscript (PyTorch's "
+                        "deprecated exporter, kept while PyTorch ships it); the same graph either way (tested)")
     v = p.add_argument_group("parity")
     v.add_argument("--parity-data", default="auto",
                    help="auto (the checkpoint's dataset, else photographs), fashion-mnist, photos, or an image folder")
@@ -211,7 +216,8 @@ def _export_options(args):
     from .onnx_export import ExportOptions
 
     return ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset, int4_block=args.int4_block,
-                         dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm)
+                         dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm,
+                         exporter=args.exporter)
 
 
 def _export_staged(out, args, outputs: dict, model, metadata: dict, dataset_hint: str | None, batch) -> dict | None:
@@ -229,7 +235,8 @@ def _export_staged(out, args, outputs: dict, model, metadata: dict, dataset_hint
     # the demo ViT at W4A4: 95-98% top-1 agreement, accuracy within 0.4 points): looser defaults.
     fp16 = args.dtype == "fp16"
     start = time.perf_counter()
-    print(f"exporting {outputs['--onnx']} ({args.precision}, {args.dtype}, opset {options.resolved_opset()})",
+    print(f"exporting {outputs['--onnx']} ({args.precision}, {args.dtype}, opset {options.resolved_opset()}, "
+          f"{options.exporter} exporter)",
           flush=True)
     report = stage_export(
         out, model, images, options, metadata, simplify=not args.no_simplify, labels=("--onnx", "--parity-report"),

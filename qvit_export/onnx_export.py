@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +28,13 @@ from torch import nn
 from .errors import QvitError
 from .layers import QuantAttentionMixin, QuantConv2d, QuantLinear
 from .lsq import LSQQuantizer
+from . import onnx_routes
+from .onnx_graph import OWNER_KEY, SLICES
 from .timm_models import input_shape
 
 DEFAULT_OPSET = 17      # LayerNormalization; per-axis QDQ
 FP16_MIN_OPSET = 19     # FP16 scales on QuantizeLinear/DequantizeLinear
 INT4_OPSET = 21         # INT4 initializers, blocked DequantizeLinear
-TORCHSCRIPT_MAX_OPSET = 20
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 PRECISIONS = ("int8", "int4", "int4-weight-only")
 INT4_BLOCKS = (64, 128)  # TensorRT's documented INT4 block sizes ("Quantized types")
 # 64 covers the most weight bytes of DeiT/Swin: every layer of DeiT-Ti/S/B, all of Swin but stage 1's K=96
@@ -51,8 +50,10 @@ class ExportOptions:
     dynamic_batch: bool = True
     decompose_layernorm: bool = False  # TensorRT 8.5 (JetPack 5) cannot import LayerNormalization
     int4_block: int = DEFAULT_INT4_BLOCK  # INT4 block size along K (64 or 128)
+    exporter: str = onnx_routes.DEFAULT_ROUTE  # dynamo | torchscript: how the twin is traced (onnx_routes)
 
     def __post_init__(self):
+        onnx_routes.route(self.exporter)  # a known exporter, or a one-line error naming them
         if self.precision not in PRECISIONS:
             raise QvitError(f"precision {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
         if self.int4_block not in INT4_BLOCKS:
@@ -104,20 +105,47 @@ class _WeightDQ(torch.autograd.Function):
         return g.op("DequantizeLinear", codes, scale, zero, axis_i=axis)
 
 
-class ActivationQDQ(nn.Module):
-    """Export form of an activation LSQQuantizer: its step and range as constants."""
+def _traced_by_torch_export() -> bool:
+    """True while the dynamo route's torch.export traces the twin (the TorchScript route traces with torch.jit,
+    and eager calls compute the maths)."""
+    return torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
 
-    def __init__(self, q: LSQQuantizer, dtype: torch.dtype):
+
+def _onnx_node(op: str, inputs: tuple, like: torch.Tensor, owner: str, dtype=None, **attrs) -> torch.Tensor:
+    """One ONNX node for the dynamo route, tagged with the name of the quantizer or layer it belongs to
+    (onnx_graph.OWNER_KEY), which onnx_graph.prepare turns into the node's name."""
+    return torch.onnx.ops.symbolic(op, inputs, attrs, dtype=dtype or like.dtype, shape=like.shape,
+                                   metadata_props={OWNER_KEY: owner})
+
+
+def _weight_dq(codes, scale, zero, axis: int, owner: str) -> torch.Tensor:
+    if _traced_by_torch_export():
+        return _onnx_node("DequantizeLinear", (codes, scale, zero), codes, owner, scale.dtype, axis=axis)
+    return _WeightDQ.apply(codes, scale, zero, axis)
+
+
+class ActivationQDQ(nn.Module):
+    """Export form of an activation LSQQuantizer: its step and range as constants. ``owner``: the quantizer's
+    module name, which names its nodes."""
+
+    def __init__(self, q: LSQQuantizer, dtype: torch.dtype, owner: str):
         super().__init__()
         self.qmin, self.qmax = q.qmin, q.qmax
         self.clip = (q.qmin, q.qmax) != (-128, 127)  # INT8's own saturation is the clamp at 8 signed bits
         self.enabled = True  # attention modules check this to take their explicit path
+        self.owner = owner
         s = q.scale().to(dtype)
         self.register_buffer("scale", s)
         self.register_buffer("clip_min", s * q.qmin)
         self.register_buffer("clip_max", s * q.qmax)
+        self.register_buffer("zero", torch.zeros((), dtype=torch.int8))
 
     def forward(self, x):
+        if _traced_by_torch_export():  # Clip, Q and DQ written out: nothing for a translation table to drop
+            if self.clip:
+                x = _onnx_node("Clip", (x, self.clip_min, self.clip_max), x, self.owner)
+            q = _onnx_node("QuantizeLinear", (x, self.scale, self.zero), x, self.owner, torch.int8)
+            return _onnx_node("DequantizeLinear", (q, self.scale, self.zero), x, self.owner)
         return _ActivationQDQ.apply(x, self.scale, self.clip_min, self.clip_max, self.qmin, self.qmax, self.clip)
 
 
@@ -136,18 +164,21 @@ class _ExportWeightLayer(nn.Module):
 
     axis = 0
 
-    def __init__(self, layer: QuantLinear | QuantConv2d, dtype: torch.dtype, activations: bool = True):
+    def __init__(self, layer: QuantLinear | QuantConv2d, dtype: torch.dtype, name: str, activations: bool = True):
         super().__init__()
         wq = layer.weight_quantizer
         codes = wq.int_codes(layer.weight).to(torch.int8)
-        self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype) if activations else PassThrough()
+        self.name = name
+        self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype, f"{name}.input_quantizer") \
+            if activations else PassThrough()
         self.register_buffer("weight_codes", codes.t().contiguous() if self.axis == 1 else codes)
         self.register_buffer("weight_scale", wq.scale().reshape(-1).to(dtype))
         self.register_buffer("weight_zero", torch.zeros(codes.shape[0], dtype=torch.int8))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero, self.axis)
+        return _weight_dq(self.weight_codes, self.weight_scale, self.weight_zero, self.axis,
+                          f"{self.name}.weight_quantizer")
 
 
 class ExportLinear(_ExportWeightLayer):
@@ -161,8 +192,9 @@ class ExportLinear(_ExportWeightLayer):
 
     axis = 1
 
-    def __init__(self, layer: QuantLinear, dtype: torch.dtype, activations: bool = True, flatten: bool = False):
-        super().__init__(layer, dtype, activations)
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype, name: str, activations: bool = True,
+                 flatten: bool = False):
+        super().__init__(layer, dtype, name, activations)
         self.flatten = flatten
 
     def forward(self, x):
@@ -178,15 +210,16 @@ class _ColumnSlice(nn.Module):
     """Columns of an ExportLinear's stored [K, N] weight, with their scales, zero points and bias: a MatMul of its
     own, under its own DequantizeLinear, on the input that the whole layer quantized."""
 
-    def __init__(self, whole: ExportLinear, columns: slice):
+    def __init__(self, whole: ExportLinear, columns: slice, part: str):
         super().__init__()
+        self.owner = f"{whole.name}.{part}.weight_quantizer"
         self.register_buffer("weight_codes", whole.weight_codes[:, columns].contiguous())
         self.register_buffer("weight_scale", whole.weight_scale[columns].contiguous())
         self.register_buffer("weight_zero", whole.weight_zero[columns].contiguous())
         self.bias = None if whole.bias is None else nn.Parameter(whole.bias[columns].clone(), requires_grad=False)
 
     def forward(self, x):
-        y = torch.matmul(x, _WeightDQ.apply(self.weight_codes, self.weight_scale, self.weight_zero, 1))
+        y = torch.matmul(x, _weight_dq(self.weight_codes, self.weight_scale, self.weight_zero, 1, self.owner))
         return y if self.bias is None else y + self.bias
 
 
@@ -207,12 +240,13 @@ class ExportQKV(nn.Module):
     split: 2 more kernels each). The slices are named ``<layer>.q`` / ``.k`` / ``.v`` (onnx_graph.SLICES).
     """
 
-    def __init__(self, layer: QuantLinear, dtype: torch.dtype):
+    def __init__(self, layer: QuantLinear, dtype: torch.dtype, name: str):
         super().__init__()
-        whole = ExportLinear(layer, dtype)
+        whole = ExportLinear(layer, dtype, name)
         self.input_quantizer = whole.input_quantizer
         dim = whole.weight_codes.shape[1] // 3
-        self.q, self.k, self.v = (_ColumnSlice(whole, slice(i * dim, (i + 1) * dim)) for i in range(3))
+        self.q, self.k, self.v = (_ColumnSlice(whole, slice(i * dim, (i + 1) * dim), part)
+                                  for i, part in enumerate(SLICES["qkv"]))
 
     def forward(self, x):
         x = self.input_quantizer(x)
@@ -226,8 +260,8 @@ class ExportConv2d(_ExportWeightLayer):
     TensorRT has no weight-only convolution, and TensorRT-RTX 1.7 turned a DQ weight under a float input into a
     dequantization kernel that runs on every inference (measured on the demo ViT's patch embedding)."""
 
-    def __init__(self, layer: QuantConv2d, dtype: torch.dtype, activations: bool = True):
-        super().__init__(layer, dtype, activations)
+    def __init__(self, layer: QuantConv2d, dtype: torch.dtype, name: str, activations: bool = True):
+        super().__init__(layer, dtype, name, activations)
         self.stride, self.padding, self.dilation, self.groups = layer.stride, layer.padding, layer.dilation, layer.groups
         self.store_float = not activations
         if self.store_float:
@@ -235,9 +269,22 @@ class ExportConv2d(_ExportWeightLayer):
             self.register_buffer("weight_float", self.weight_codes.to(dtype) * self.weight_scale.reshape(shape))
 
     def forward(self, x):
+        if self.store_float and _traced_by_torch_export():
+            return self._tagged_float_conv(x)
         weight = self.weight_float if self.store_float else self.dequantized_weight()
         return nn.functional.conv2d(self.input_quantizer(x), weight, self.bias, self.stride,
                                     self.padding, self.dilation, self.groups)
+
+
+    def _tagged_float_conv(self, x):
+        """The weight-only Conv as one tagged node (no DequantizeLinear leads the graph surgery to it)."""
+        kernel = self.weight_float.shape[2:]
+        out = [(x.shape[2 + i] + 2 * self.padding[i] - self.dilation[i] * (kernel[i] - 1) - 1) // self.stride[i] + 1
+               for i in range(2)]
+        like = x.new_empty((x.shape[0], self.weight_float.shape[0], *out))
+        inputs = (x, self.weight_float) + (() if self.bias is None else (self.bias,))
+        return _onnx_node("Conv", inputs, like, self.name, strides=list(self.stride), dilations=list(self.dilation),
+                          pads=list(self.padding) * 2, group=self.groups, kernel_shape=list(kernel))
 
 
 class DecomposedLayerNorm(nn.Module):
@@ -328,13 +375,13 @@ def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None
         parent_name, _, child = name.rpartition(".")
         parent = twin.get_submodule(parent_name) if parent_name else twin
         if isinstance(mod, QuantLinear) and _splits_qkv(name, parent, activations, int4):
-            setattr(parent, child, ExportQKV(mod, dtype))
+            setattr(parent, child, ExportQKV(mod, dtype, name))
         elif isinstance(mod, QuantLinear):
-            setattr(parent, child, ExportLinear(mod, dtype, activations, flatten=name in flattened))
+            setattr(parent, child, ExportLinear(mod, dtype, name, activations, flatten=name in flattened))
         elif isinstance(mod, QuantConv2d):
-            setattr(parent, child, ExportConv2d(mod, dtype, activations))
+            setattr(parent, child, ExportConv2d(mod, dtype, name, activations))
         elif isinstance(mod, LSQQuantizer) and not isinstance(parent, (ExportLinear, ExportQKV, ExportConv2d)):
-            setattr(parent, child, ActivationQDQ(mod, dtype) if activations else PassThrough())
+            setattr(parent, child, ActivationQDQ(mod, dtype, name) if activations else PassThrough())
         elif isinstance(mod, nn.LayerNorm):
             setattr(parent, child, DecomposedLayerNorm(mod) if options.decompose_layernorm else _plain_layernorm(mod))
     return twin.to(dtype)
@@ -362,10 +409,6 @@ def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions()
 def onnx_model(model: nn.Module, options: ExportOptions = ExportOptions(), metadata: dict | None = None,
                simplify: bool = True):
     """The QDQ ONNX of a calibrated or trained quantized model, as an in-memory ModelProto (export_onnx)."""
-    import io
-
-    import onnx
-
     from . import onnx_graph
 
     opset = options.resolved_opset()
@@ -383,17 +426,12 @@ def onnx_model(model: nn.Module, options: ExportOptions = ExportOptions(), metad
     dtype = torch.float16 if options.dtype == "fp16" else torch.float32
     # A dynamic batch is traced at 2 so that no shape specialises on 1.
     dummy = torch.zeros(2 if options.dynamic_batch else 1, *input_shape(model), dtype=dtype)
-    dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if options.dynamic_batch else None
-    raw = io.BytesIO()  # in memory: no scratch file that a killed run could leave behind
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(twin, (dummy,), raw, dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=dynamic,
-                          do_constant_folding=True)
-    graph = onnx.load_from_string(raw.getvalue())
+    graph = onnx_routes.route(options.exporter).trace(twin, dummy, opset, options.dynamic_batch)
+    stored["exporter"] = options.exporter
     onnx_graph.prepare(graph)
     if simplify:
         graph = onnx_graph.simplify(graph, decomposed_layernorm=options.decompose_layernorm)
+    graph = onnx_graph.lower_opset(graph, opset)
     return onnx_graph.finalize(graph, model, options, opset, (metadata or {}) | stored, int4)
 
 

@@ -1,7 +1,8 @@
 """Surgery and inspection on the exported ONNX graph (onnx protos only; no torch).
 
-- names every Clip/QuantizeLinear/DequantizeLinear after the quantizer whose scale it reads, and every MatMul/Conv
-  that a quantized layer computes after that layer (prepare), so TensorRT's kernels can be traced back to it; a
+- names every Clip/QuantizeLinear/DequantizeLinear after the quantizer it belongs to, which the export route
+  tagged it with (OWNER_KEY, onnx_routes), and every MatMul/Conv that a quantized layer computes after that layer
+  (prepare), so TensorRT's kernels can be traced back to it; a
   layer exported as column slices (an attention's qkv: '<attn>.qkv.q', '.k', '.v', SLICES) names each slice's
   weight DequantizeLinear and MatMul after the slice, and ``sliced``/``weight_quantizer`` map it back;
 - rewrites ≤4-bit MatMul weights as INT4 initializers in blocks of 64 or 128 along K (our per-channel step
@@ -21,16 +22,9 @@ from .atomic import atomic_path
 from .errors import QvitError
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
-
-
-def quantizer_of(scale_name: str) -> str | None:
-    """'blocks.0.attn.q_quantizer.scale' → 'blocks.0.attn.q_quantizer';
-    'blocks.0.mlp.fc1.weight_scale' → 'blocks.0.mlp.fc1.weight_quantizer'."""
-    if scale_name.endswith(".weight_scale"):
-        return scale_name[: -len("_scale")] + "_quantizer"
-    if scale_name.endswith("_quantizer.scale"):
-        return scale_name[: -len(".scale")]
-    return None
+# The node metadata key that carries the PyTorch module a node belongs to (a quantizer for Clip/Q/DQ, a layer for a
+# weight-only Conv) from the export route to prepare(), which names the node after it and removes the key.
+OWNER_KEY = "qvit.owner"
 
 
 # Layers that the export writes as column slices, one MatMul each ({layer's last name: its slices in column
@@ -114,9 +108,6 @@ def _name_compute_nodes(model) -> None:
     """'<layer>/MatMul' (or /Conv, /Gemm) for the op a weight DQ feeds; '<attn>/scores' for q·kᵀ and
     '<attn>/context' for attn·v. Names we set, so nothing downstream depends on an exporter's naming habits."""
     users = _users(model)
-    for node in model.graph.node:  # weights a weight-only graph stores dequantized ('<layer>.weight_float')
-        if node.op_type in COMPUTE_OPS and len(node.input) > 1 and node.input[1].endswith(".weight_float"):
-            node.name = f"{node.input[1][: -len('.weight_float')]}/{node.op_type}"
     for node in list(model.graph.node):
         owner = _owner(node) if node.op_type == "DequantizeLinear" else None
         if owner is None:
@@ -161,34 +152,33 @@ def quantized_ops(model) -> list[dict]:
     return ops
 
 
+def tag(node, owner: str) -> None:
+    """Mark ``node`` as belonging to the PyTorch module ``owner`` (OWNER_KEY)."""
+    from onnx import StringStringEntryProto
+
+    node.metadata_props.append(StringStringEntryProto(key=OWNER_KEY, value=owner))
+
+
+def tagged_owner(node) -> str | None:
+    return next((p.value for p in node.metadata_props if p.key == OWNER_KEY), None)
+
+
 def prepare(model) -> None:
-    """Right after torch.onnx: undo shared constants, then name every QDQ node after its quantizer and every
-    quantized MatMul/Conv after its layer.
-
-    The TorchScript exporter shares equal initializers through Identity nodes, and onnxsim merges them, so an
-    initializer's name cannot identify its quantizer for long; node names can, and onnxsim keeps them.
-    """
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    for node in list(model.graph.node):
-        if node.op_type == "Identity" and node.input[0] in inits:
-            copy = numpy_helper.from_array(numpy_helper.to_array(inits[node.input[0]]), node.output[0])
-            model.graph.initializer.append(copy)
-            inits[copy.name] = copy
-            model.graph.node.remove(node)
-    producers = {o: n for n in model.graph.node for o in n.output}
+    """Right after an export route: name every tagged node after its owner ('<quantizer>/QuantizeLinear',
+    '<layer>/Conv'), drop every node's metadata (an exporter's stack traces and paths have no place in the file),
+    then name every quantized MatMul/Conv after its layer (_name_compute_nodes). Node names survive onnxsim, which
+    merges equal initializers, so they are what ties the graph to PyTorch modules from here on."""
     for node in model.graph.node:
-        owner = quantizer_of(node.input[1]) if node.op_type in QDQ_OPS else None
-        if owner is None:
-            continue
-        node.name = f"{owner}/{node.op_type}"
-        clip = producers.get(node.input[0])
-        if node.op_type == "QuantizeLinear" and clip is not None and clip.op_type == "Clip":
-            clip.name = f"{owner}/Clip"
+        owner = tagged_owner(node)
+        if owner is not None:
+            node.name = f"{owner}/{node.op_type}"
+        del node.metadata_props[:]
+    for info in (*model.graph.input, *model.graph.output, *model.graph.value_info, *model.graph.initializer):
+        del info.metadata_props[:]
+    del model.graph.metadata_props[:]
     missing = [n.name for n in model.graph.node if n.op_type in QDQ_OPS and _owner(n) is None]
     if missing:
-        raise QvitError(f"QDQ node '{missing[0]}' reads a scale no quantizer owns: export the model again")
+        raise QvitError(f"QDQ node '{missing[0]}' belongs to no quantizer: export the model again")
     _name_compute_nodes(model)
 
 
@@ -251,6 +241,48 @@ def check_tensorrt_rules(model) -> None:
             raise QvitError(f"{node.name}: scale must be a positive constant for TensorRT")
         if len(node.input) < 3 or node.input[2] not in values or np.any(values[node.input[2]] != 0):
             raise QvitError(f"{node.name}: zero point must be an explicit constant 0 for TensorRT")
+
+
+def lower_opset(model, opset: int):
+    """``model`` at ``opset`` when it was written at a higher one (the dynamo route writes >= 18), through ONNX's
+    version converter, which keeps node names; else ``model`` as it is. The converter has no way down for opset 18's
+    Pad: Pads that pad nothing (Swin's window padding at a multiple of the window; onnxsim removes them too) are
+    bypassed first."""
+    from onnx import version_converter
+
+    written = max(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+    if written <= opset:
+        return model
+    _bypass_noop_pads(model)
+    for node in model.graph.node:  # opset 18's default, which the converter's ReduceMean adapter does not remove
+        if node.op_type.startswith("Reduce"):
+            keep = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises C++ assertion messages of several kinds
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1].rpartition("failed: ")[2]
+        raise QvitError(f"ONNX's version converter cannot take this graph from opset {written} to {opset} ({reason}): "
+                        f"export with --opset {written}, or with --exporter torchscript") from None
+
+
+def _bypass_noop_pads(model) -> None:
+    """Remove every Pad whose pads are a constant of zeros, its readers reading its input instead."""
+    from onnx import numpy_helper
+
+    values = {i.name: i for i in model.graph.initializer}
+    values |= {n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant" and n.attribute}
+    graph_outputs = {o.name for o in model.graph.output}
+    for node in list(model.graph.node):
+        if node.op_type != "Pad" or len(node.input) < 2 or node.input[1] not in values \
+                or node.output[0] in graph_outputs or np.any(numpy_helper.to_array(values[node.input[1]]) != 0):
+            continue
+        for reader in model.graph.node:
+            for i, name in enumerate(reader.input):
+                if name == node.output[0]:
+                    reader.input[i] = node.input[0]
+        model.graph.node.remove(node)
 
 
 def finalize(model, torch_model, options, opset: int, metadata: dict, int4: list[str] = ()):

@@ -207,6 +207,8 @@ CASES = [
     # numeric options
     ("opset-0", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--opset", 0], 2, ["--opset", "17 to 21"]),
     ("opset-22", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--opset", 22], 2, ["--opset"]),
+    ("exporter-unknown", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--exporter", "onnxscript"],
+     2, ["--exporter", "dynamo", "torchscript"]),
     ("opset-too-low-for-int4", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--precision", "int4",
                                                "--opset", 17], 2, ["--opset 21"]),
     ("parity-images-0", "qvit-export", ["--ckpt", "{in:ckpt}", "--onnx", "{out}/m.onnx", "--parity-images", 0], 2,
