@@ -13,7 +13,11 @@ The quantized model is copied into an *export twin* whose layers emit TensorRT's
   float GEMM at 8-bit activations without IRM);
 - IRM's LayerNorm on q and k, then the folded attention scale, then q's QDQ; k is quantized already
   transposed; v and the softmax output get their own QDQ.
-Every quantizer's scale initializer is named after the quantizer, which ties ONNX nodes to PyTorch modules.
+Each QDQ op is written two ways, for the two export routes (onnx_routes): under torch.export (dynamo) the layers
+call ``torch.onnx.ops.symbolic`` and tag every node with its quantizer's module name; under the TorchScript
+exporter two autograd Functions give the same nodes through ``symbolic``, and the route reads the owners from
+the scale buffers' names. Eager calls compute the same maths in PyTorch. onnx_graph.prepare names the nodes from
+the tags, which ties ONNX nodes to PyTorch modules.
 """
 from __future__ import annotations
 
@@ -78,6 +82,7 @@ class ExportOptions:
 
 
 # ---- ops that emit QDQ ---------------------------------------------------------------------------
+# The TorchScript route's form (autograd Functions with ``symbolic``), then the dynamo route's (_onnx_node).
 
 class _ActivationQDQ(torch.autograd.Function):
     @staticmethod
