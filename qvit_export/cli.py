@@ -330,7 +330,11 @@ def quantize_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, choices=SUPPORTED_BITS, help="weight and activation bits")
     q.add_argument("--w-bits", type=int, choices=SUPPORTED_BITS, help="weight bits (default: --bits)")
     q.add_argument("--a-bits", type=int, choices=SUPPORTED_BITS, help="activation bits (default: --bits)")
-    q.add_argument("--irm", action="store_true", help="IRM on queries and keys, fitted to the FP model at calibration")
+    from .config import DEFAULT_IRM, IRM_VARIANTS
+
+    q.add_argument("--irm", nargs="?", const=DEFAULT_IRM, default=False, choices=IRM_VARIANTS,
+                   help=f"IRM on queries and keys, fitted to the FP model at calibration; a variant may follow "
+                        f"({', '.join(IRM_VARIANTS)}; default {DEFAULT_IRM}, the paper's)")
     q.add_argument("--method", choices=("mse", "lsq", "percentile"), default="mse", help="step rule (default mse)")
     q.add_argument("--irm-steps", type=_int_in(0), default=100, help="Adam steps of the IRM fit (default 100)")
     c = p.add_argument_group("calibration")
@@ -406,7 +410,7 @@ def quantize_main(argv=None) -> int:
         save_checkpoint(out.stage("--out"), model, extra=extra)
         if drawn_path is not None:
             out.write("calibration set", calib_set.to_json().encode())
-        print(f"calibrated {model.qvit_source['name']} W{w_bits}A{a_bits}{' + IRM' if args.irm else ''} on "
+        print(f"calibrated {model.qvit_source['name']} W{w_bits}A{a_bits}{f' + IRM ({args.irm})' if args.irm else ''} on "
               f"{calib_set.name} ({len(calib_set.images)} images, sha256 {calib_set.sha256[:12]})", flush=True)
         built = None
         if export:

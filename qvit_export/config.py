@@ -7,6 +7,11 @@ from .errors import QvitError
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CALIBRATION_METHODS = ("mse", "lsq", "percentile")
+# IRM on q and k (layers.IRM_NORMS holds one class per name): 'token', the paper's LayerNorm over head_dim per
+# token; 'head', one mean and variance per head over tokens x head_dim (an affine map of the whole head);
+# 'blend', x + a*(LayerNorm(x) - x) with a learned a that starts at 0, so the model starts as the FP one.
+IRM_VARIANTS = ("token", "head", "blend")
+DEFAULT_IRM = "token"
 
 
 def check_bits(name: str, bits) -> int:
@@ -26,7 +31,7 @@ class QuantConfig:
 
     w_bits: int = 4
     a_bits: int = 4
-    irm: bool = True
+    irm: bool | str = DEFAULT_IRM  # False, or an IRM variant (IRM_VARIANTS); True means DEFAULT_IRM
     edge_bits: int = 8
     keep_8bit: tuple[str, ...] = ("patch_embed", "head", "head_dist")
     calibration: str = "mse"
@@ -34,8 +39,11 @@ class QuantConfig:
     def __post_init__(self):
         for f in ("w_bits", "a_bits", "edge_bits"):
             check_bits(f, getattr(self, f))
-        if not isinstance(self.irm, bool):
-            raise QvitError(f"irm={self.irm!r} must be True or False")
+        if self.irm is True:
+            object.__setattr__(self, "irm", DEFAULT_IRM)
+        elif self.irm is not False and self.irm not in IRM_VARIANTS:
+            raise QvitError(f"irm={self.irm!r} is unknown: choose false, true ({DEFAULT_IRM}) or one of "
+                            f"{', '.join(IRM_VARIANTS)}")
         if self.calibration not in CALIBRATION_METHODS:
             raise QvitError(f"calibration={self.calibration!r} is unknown: choose one of {', '.join(CALIBRATION_METHODS)}")
         # A list from YAML or JSON is accepted (one name as a string too); a tuple keeps the config hashable.

@@ -36,13 +36,27 @@ class QuantConv2d(QuantWeightMixin, nn.Conv2d):
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 
+IRM_NORMS: dict[str, type["IRMNorm"]] = {}  # config.IRM_VARIANTS name -> class
+
+
+def register_irm(cls):
+    IRM_NORMS[cls.variant] = cls
+    return cls
+
+
+@register_irm
 class IRMNorm(nn.LayerNorm):
-    """IRM: a learnable LayerNorm over head_dim on queries or keys, before their quantizer.
+    """IRM: a learnable LayerNorm over head_dim on queries or keys, before their quantizer ('token', the paper's
+    form: each token's mean and scale removed). The other variants subclass it, so ``isinstance(m, IRMNorm)``
+    finds every IRM norm.
 
     ``fitted`` is False until calibration sets gamma and beta from data so that the normalised tensor is as
     close as possible to the original one (least squares per channel); a timm FP state dict, which has no
     entry for it, leaves it unfitted instead of failing to load.
     """
+
+    variant = "token"
+    fits = True  # calibration fits gamma and beta to the FP model's output (irm.fit_irm)
 
     def __init__(self, head_dim: int, eps: float = 1e-6):
         super().__init__(head_dim, eps=eps)
@@ -60,14 +74,44 @@ class IRMNorm(nn.LayerNorm):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 
+@register_irm
+class HeadIRMNorm(IRMNorm):
+    """IRM with one mean and variance per head over all its tokens and channels (the last two axes), then gamma
+    and beta per channel: an affine map of the whole head, so no token loses its own scale or offset relative to
+    the others (ONNX: LayerNormalization over the last two axes)."""
+
+    variant = "head"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-2:], eps=self.eps) * self.weight + self.bias
+
+
+@register_irm
+class BlendIRMNorm(IRMNorm):
+    """IRM as a learned blend from identity: ``x + a * (LayerNorm(x) - x)``, ``a`` per channel, starting at 0, so the
+    converted model is the FP model bit for bit until training moves ``a`` (and gamma, beta) where quantization
+    gains from it."""
+
+    variant = "blend"
+    fits = False  # already the FP model: nothing to fit, and Adam would turn a zero gradient's noise into steps
+
+    def __init__(self, head_dim: int, eps: float = 1e-6):
+        super().__init__(head_dim, eps=eps)
+        self.blend = nn.Parameter(torch.zeros(head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.blend * (super().forward(x) - x)
+
+
 class QuantAttentionMixin:
     """Quantizers on q (after IRM and the folded attention scale), k, v and the softmax output."""
 
-    def attach_quantizers(self, a_bits: int, irm: bool, head_dim: int, name: str) -> None:
+    def attach_quantizers(self, a_bits: int, irm: str | bool, head_dim: int, name: str) -> None:
+        """``irm``: False, or an IRM variant (IRM_NORMS) put in timm's empty q_norm/k_norm slots."""
         for part in ("q", "k", "v", "attn"):
             setattr(self, f"{part}_quantizer", LSQQuantizer(a_bits, name=f"{name}.{part}_quantizer"))
         if irm and isinstance(getattr(self, "q_norm", None), (nn.Identity, type(None))):
-            self.q_norm, self.k_norm = IRMNorm(head_dim), IRMNorm(head_dim)
+            self.q_norm, self.k_norm = IRM_NORMS[irm](head_dim), IRM_NORMS[irm](head_dim)
         elif not hasattr(self, "q_norm"):
             self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
 

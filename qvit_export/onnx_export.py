@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import QvitError
-from .layers import QuantAttentionMixin, QuantConv2d, QuantLinear
+from .layers import IRMNorm, QuantAttentionMixin, QuantConv2d, QuantLinear
 from .lsq import LSQQuantizer
 from . import onnx_routes
 from .onnx_graph import OWNER_KEY, SLICES
@@ -293,19 +293,51 @@ class ExportConv2d(_ExportWeightLayer):
 
 
 class DecomposedLayerNorm(nn.Module):
-    """LayerNorm written as elementary ops, for TensorRT 8.5, which has no LayerNormalization importer."""
+    """LayerNorm written as elementary ops, for TensorRT 8.5, which has no LayerNormalization importer;
+    ``axes``: how many trailing axes it normalises over (2 for IRM's 'head' variant)."""
 
-    def __init__(self, norm: nn.LayerNorm):
+    def __init__(self, norm: nn.LayerNorm, axes: int = 1):
         super().__init__()
-        self.eps = norm.eps
+        self.eps, self.dims = norm.eps, tuple(range(-axes, 0))
         self.weight, self.bias = norm.weight, norm.bias
 
     def forward(self, x):
         # Statistics in FP32 even in an FP16 graph: squares of |x - mean| > 256 overflow FP16.
         x32 = x.float()
-        centred = x32 - x32.mean(dim=-1, keepdim=True)
-        y = (centred / torch.sqrt((centred * centred).mean(dim=-1, keepdim=True) + self.eps)).to(x.dtype)
+        centred = x32 - x32.mean(dim=self.dims, keepdim=True)
+        y = (centred / torch.sqrt((centred * centred).mean(dim=self.dims, keepdim=True) + self.eps)).to(x.dtype)
         return y * self.weight + self.bias if self.weight is not None else y
+
+
+class HeadNorm(nn.Module):
+    """Export form of IRM's 'head' variant (layers.HeadIRMNorm): LayerNorm over the last two axes, no affine
+    inside (ONNX LayerNormalization, axis -2), then gamma and beta per channel."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.eps, self.weight, self.bias = norm.eps, norm.weight, norm.bias
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, x.shape[-2:], eps=self.eps) * self.weight + self.bias
+
+
+class BlendNorm(nn.Module):
+    """Export form of IRM's 'blend' variant (layers.BlendIRMNorm): ``x + a * (norm(x) - x)``."""
+
+    def __init__(self, norm: nn.Module, blend: torch.Tensor):
+        super().__init__()
+        self.norm, self.blend = norm, blend
+
+    def forward(self, x):
+        return x + self.blend * (self.norm(x) - x)
+
+
+def irm_export_form(norm: IRMNorm, decompose: bool) -> nn.Module:
+    """The plain module that computes an IRM norm in the graph (its extra state has no place in a traced one)."""
+    if norm.variant == "head":
+        return DecomposedLayerNorm(norm, axes=2) if decompose else HeadNorm(norm)
+    token = DecomposedLayerNorm(norm) if decompose else _plain_layernorm(norm)
+    return BlendNorm(token, norm.blend) if norm.variant == "blend" else token
 
 
 # ---- the export twin -----------------------------------------------------------------------------
@@ -387,6 +419,8 @@ def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None
             setattr(parent, child, ExportConv2d(mod, dtype, name, activations))
         elif isinstance(mod, LSQQuantizer) and not isinstance(parent, (ExportLinear, ExportQKV, ExportConv2d)):
             setattr(parent, child, ActivationQDQ(mod, dtype, name) if activations else PassThrough())
+        elif isinstance(mod, IRMNorm):
+            setattr(parent, child, irm_export_form(mod, options.decompose_layernorm))
         elif isinstance(mod, nn.LayerNorm):
             setattr(parent, child, DecomposedLayerNorm(mod) if options.decompose_layernorm else _plain_layernorm(mod))
     return twin.to(dtype)
@@ -395,7 +429,9 @@ def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None
 def _plain_layernorm(norm: nn.LayerNorm) -> nn.LayerNorm:
     """An nn.LayerNorm with the same parameters (IRMNorm's extra state has no place in a traced graph)."""
     plain = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
-    plain.load_state_dict({k: v for k, v in norm.state_dict().items() if not k.endswith("_extra_state")})
+    if norm.elementwise_affine:
+        plain.load_state_dict({"weight": norm.weight, "bias": norm.bias} if norm.bias is not None else
+                              {"weight": norm.weight}, strict=False)
     return plain
 
 

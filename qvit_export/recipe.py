@@ -9,7 +9,7 @@ import copy
 import math
 from pathlib import Path
 
-from .config import CALIBRATION_METHODS, check_bits
+from .config import CALIBRATION_METHODS, DEFAULT_IRM, IRM_VARIANTS, check_bits
 from .errors import QvitError
 
 DEFAULTS: dict = {
@@ -156,9 +156,11 @@ def validate(recipe: dict) -> dict:
         value = recipe[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise QvitError(f"{key}={value!r} must be a finite number >= 0")
-    for key in ("irm", "dgd", "amp", "pretrained"):
+    for key in ("dgd", "amp", "pretrained"):
         if not isinstance(recipe[key], bool):
             raise QvitError(f"{key}={recipe[key]!r} must be true or false")
+    if not isinstance(recipe["irm"], bool) and recipe["irm"] not in IRM_VARIANTS:
+        raise QvitError(f"irm={recipe['irm']!r} must be true ({DEFAULT_IRM}), false or one of {', '.join(IRM_VARIANTS)}")
     clip = recipe["clip_grad"]
     if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and math.isfinite(clip)
                                  and clip > 0):

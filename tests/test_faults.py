@@ -78,9 +78,16 @@ def assert_untouched(folder: Path, before: dict[str, str], evidence: tuple[str, 
 
 def child(tool: str, args: list, **kw) -> subprocess.Popen:
     code = f"import sys; from qvit_export.cli import {tool.replace('-', '_')} as main; sys.argv[0] = '{tool}'; main()"
-    # bytes, not text=True: universal newlines would turn a progress bar's carriage returns into new lines
+    # bytes, not text=True: universal newlines would turn a progress bar's carriage returns into new lines.
+    # SIGINT and SIGTERM as a terminal gives them: a suite started in the background by a shell without job control
+    # inherits SIGINT ignored, which the commands keep (interrupts.install), and the signal tests would not test.
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kw)
+                            stderr=subprocess.PIPE, preexec_fn=_default_signals, **kw)
+
+
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def finish(p: subprocess.Popen, timeout: float = 600, both: bool = False):
@@ -299,6 +306,8 @@ CASES = [
      2, ["--bits"]),
     ("quantize-bits-5", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 5, "--calib", "fashion-mnist", "--out",
                                           "{out}/q.pt"], 2, ["--bits"]),
+    ("quantize-irm-unknown", "qvit-quantize", ["--weights", "{in:fp}", "--bits", 4, "--irm", "layer", "--calib",
+                                               "fashion-mnist", "--out", "{out}/q.pt"], 2, ["--irm", "token", "blend"]),
     ("quantize-random-weights", "qvit-quantize", ["--model", "deit_tiny_patch16_224", "--bits", 8, "--calib", "photos",
                                                   "--out", "{out}/q.pt"], 2, ["--weights", "--pretrained"]),
     ("quantize-weights-missing", "qvit-quantize", ["--weights", "{out}/none.pt", "--bits", 8, "--calib",
