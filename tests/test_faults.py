@@ -81,13 +81,16 @@ def child(tool: str, args: list, **kw) -> subprocess.Popen:
     # bytes, not text=True: universal newlines would turn a progress bar's carriage returns into new lines.
     # SIGINT and SIGTERM as a terminal gives them: a suite started in the background by a shell without job control
     # inherits SIGINT ignored, which the commands keep (interrupts.install), and the signal tests would not test.
+    more = kw.pop("preexec_fn", None)  # a test's own set-up in the child (a disk limit), after the signals
+
+    def prepare() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+        if more is not None:
+            more()
+
     return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, preexec_fn=_default_signals, **kw)
-
-
-def _default_signals() -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)
+                            stderr=subprocess.PIPE, preexec_fn=prepare, **kw)
 
 
 def finish(p: subprocess.Popen, timeout: float = 600, both: bool = False):
