@@ -40,10 +40,10 @@ def irm_bypassed(model: nn.Module):
 def fit_irm(model: nn.Module, batches: list[torch.Tensor], steps: int = IRM_STEPS, lr: float = IRM_LR,
             seed: int = 0, progress: bool = True) -> None:
     """Fit the unfitted IRM norms of ``model`` by distilling its own FP output (see the module docstring)."""
+    for _, norm in irm_norms(model):
+        if not norm.fits:  # a variant that starts at the FP model is fitted as it is
+            norm.fitted = True
     named = [(name, norm) for name, norm in irm_norms(model) if not norm.fitted]
-    for _, norm in named:
-        norm.fitted = norm.fitted or not norm.fits  # a variant that starts at the FP model is fitted as it is
-    named = [(name, norm) for name, norm in named if not norm.fitted]
     if not named:
         return
     norms = [norm for _, norm in named]
