@@ -83,7 +83,13 @@ class HeadIRMNorm(IRMNorm):
     variant = "head"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-2:], eps=self.eps) * self.weight + self.bias
+        return head_layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """The 'head' IRM: normalised over the last two axes (tokens x head_dim), then gamma and beta per channel
+    (HeadIRMNorm and its export form onnx_export.HeadNorm both compute it here)."""
+    return F.layer_norm(x, x.shape[-2:], eps=eps) * weight + bias
 
 
 @register_irm

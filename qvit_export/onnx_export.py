@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import QvitError
-from .layers import IRMNorm, QuantAttentionMixin, QuantConv2d, QuantLinear
+from .layers import IRMNorm, QuantAttentionMixin, QuantConv2d, QuantLinear, head_layer_norm
 from .lsq import LSQQuantizer
 from . import onnx_routes
 from .onnx_graph import OWNER_KEY, SLICES
@@ -318,7 +318,7 @@ class HeadNorm(nn.Module):
         self.eps, self.weight, self.bias = norm.eps, norm.weight, norm.bias
 
     def forward(self, x):
-        return nn.functional.layer_norm(x, x.shape[-2:], eps=self.eps) * self.weight + self.bias
+        return head_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class BlendNorm(nn.Module):
@@ -428,10 +428,9 @@ def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None
 
 def _plain_layernorm(norm: nn.LayerNorm) -> nn.LayerNorm:
     """An nn.LayerNorm with the same parameters (IRMNorm's extra state has no place in a traced graph)."""
-    plain = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine)
-    if norm.elementwise_affine:
-        plain.load_state_dict({"weight": norm.weight, "bias": norm.bias} if norm.bias is not None else
-                              {"weight": norm.weight}, strict=False)
+    plain = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                         bias=norm.bias is not None)
+    plain.load_state_dict({k: v for k, v in norm.state_dict().items() if k in ("weight", "bias")})
     return plain
 
 

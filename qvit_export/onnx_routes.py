@@ -48,7 +48,6 @@ class Route:
     """Trace ``twin`` on ``dummy`` into a ModelProto at ``opset`` with tagged quantizer nodes."""
 
     name = ""
-    min_opset = 17
 
     def trace(self, twin: nn.Module, dummy: torch.Tensor, opset: int, dynamic_batch: bool):
         raise NotImplementedError
