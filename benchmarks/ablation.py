@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import platform
 import statistics
@@ -24,7 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qvit_export.atomic import write_bytes, write_text  # noqa: E402
+from qvit_export.atomic import write_text  # noqa: E402
+from qvit_export.plots import save_figure  # noqa: E402
 from qvit_export.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from qvit_export.data import fashion_mnist  # noqa: E402
 from qvit_export.recipe import load_recipe  # noqa: E402
@@ -91,10 +91,7 @@ def plot(fp_top1: float, table: list[dict], bits_list, path: Path) -> None:
     ax.legend(fontsize=8, ncol=3, loc="lower left")
     ax.set_title("Q-ViT ablation, demo ViT (bars: mean; whiskers: min–max over seeds)")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

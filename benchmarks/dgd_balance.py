@@ -2,14 +2,18 @@
 
     .venv/bin/python benchmarks/dgd_balance.py        # -> benchmarks/results/dgd_balance.{md,json}
 
-For the demo teacher's W4A4 and W2A2 students (with and without IRM), calibrated as qvit-train does, one batch of
-256 training images: the task loss (the demo recipe's 0.5 CE + 0.5 soft distillation), DGD as the paper defines
-it (weight 1), the gradient norms of both on the transformer blocks' weight matrices, and their cosine.
+For the probe teacher's W4A4 and W2A2 students (recipe probe_qat; without IRM and with each fitted IRM variant),
+calibrated as qvit-train does, one batch of 256 training images: the task loss (the recipe's 0.5 CE + 0.5 soft
+distillation), DGD as the paper defines it (weight 1), the gradient norms of both on the transformer blocks'
+weight matrices, their ratio and cosine, and the weight that would bring the two gradients level (1/ratio).
+--recipe demo_w4a4 --teacher runs/demo/fp/best.pt measures the demo student instead.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -25,8 +29,8 @@ from qvit_export.recipe import load_recipe  # noqa: E402
 from qvit_export.trainer import Trainer  # noqa: E402
 
 
-def measure(teacher: str, bits: int, irm: bool, images: int = 256) -> dict:
-    recipe = load_recipe("demo_w4a4", {"teacher": teacher, "w_bits": bits, "a_bits": bits, "irm": irm,
+def measure(recipe_name: str, teacher: str, bits: int, irm: bool | str, images: int = 256) -> dict:
+    recipe = load_recipe(recipe_name, {"teacher": teacher, "w_bits": bits, "a_bits": bits, "irm": irm,
                                        "val_limit": 100})
     trainer = Trainer(recipe, Path("runs/dgd_balance"), progress=False)
     x = torch.stack([trainer.train_set[i][0] for i in range(images)])
@@ -49,20 +53,32 @@ def measure(teacher: str, bits: int, irm: bool, images: int = 256) -> dict:
             "grad_dgd": n_dgd, "ratio": n_dgd / n_task, "cosine": cos}
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", default="probe_qat", help="the student recipe (default probe_qat)")
+    p.add_argument("--teacher", help="FP teacher (default: the recipe's)")
+    p.add_argument("--irm", nargs="+", default=["none", "token", "head"], help="IRM variants to measure (none: no IRM)")
+    args = p.parse_args(argv)
     torch.manual_seed(0)
-    teacher = sys.argv[1] if len(sys.argv) > 1 else "runs/demo_fp/best.pt"
-    rows = [measure(teacher, bits, irm) for irm in (False, True) for bits in (4, 2)]
-    lines = ["| student | task loss | DGD (weight 1) | ‖∇ task‖ | ‖∇ DGD‖ | ratio | cosine |", "|---|---|---|---|---|---|---|"]
+    teacher = args.teacher or load_recipe(args.recipe)["teacher"]
+    rows = [measure(args.recipe, teacher, bits, False if irm == "none" else irm) for irm in args.irm for bits in (4, 2)]
+    lines = ["| student | task loss | DGD (weight 1) | ‖∇ task‖ | ‖∇ DGD‖ | ratio | cosine | level weight |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| W{r['bits']}A{r['bits']}{' + IRM' if r['irm'] else ''} | {r['task_loss']:.3f} | {r['dgd']:.1f} | "
-                     f"{r['grad_task']:.2f} | {r['grad_dgd']:.1f} | {r['ratio']:.0f}× | {r['cosine']:+.3f} |")
+        irm = f" + IRM {r['irm']}" if r["irm"] else ""
+        lines.append(f"| W{r['bits']}A{r['bits']}{irm} | "
+                     f"{r['task_loss']:.3f} | {r['dgd']:.1f} | {r['grad_task']:.2f} | {r['grad_dgd']:.1f} | "
+                     f"{r['ratio']:.0f}× | {r['cosine']:+.3f} | {1 / r['ratio']:.4f} |")
+    level = statistics.median(1 / r["ratio"] for r in rows)
     when = datetime.date.today().isoformat()
-    text = (f"DGD against the task loss at the start of QAT ({when}; demo teacher {teacher}; one batch of 256 "
-            "Fashion-MNIST training images; gradients on the blocks' weight matrices):\n\n" + "\n".join(lines) + "\n")
+    text = (f"DGD against the task loss at the start of QAT ({when}; recipe {args.recipe}, teacher {teacher}; one "
+            "batch of 256 Fashion-MNIST training images; gradients on the blocks' weight matrices; level weight = "
+            "the DGD weight at which both gradients have the same norm):\n\n" + "\n".join(lines) +
+            f"\n\nMedian level weight: {level:.4f}.\n")
     out = ROOT / "benchmarks" / "results" / "dgd_balance"
     write_text(out.with_suffix(".md"), text)
-    write_text(out.with_suffix(".json"), json.dumps({"date": when, "teacher": teacher, "rows": rows}, indent=2))
+    write_text(out.with_suffix(".json"), json.dumps({"date": when, "recipe": args.recipe, "teacher": teacher,
+                                                     "rows": rows, "median_level_weight": level}, indent=2))
     print(text)
     return 0
 

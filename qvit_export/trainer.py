@@ -310,6 +310,8 @@ class Trainer:
         r, procs = self.recipe, self.procs
         if procs.main:
             write_text(self.out / "recipe.yaml", to_yaml(r))
+        if r["mode"] == "qat" and not self.history:
+            self._validate_start()
         for epoch in range(self.start_epoch, r["epochs"]):
             seed_everything(r["seed"], procs.rank, epoch)
             self.sampler.set_epoch(epoch)
@@ -333,8 +335,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{mean[0]:.3f}", **({"dgd": f"{mean[3]:.3f}"} if self.use_dgd else {}))
             seconds = time.perf_counter() - start
             sums = procs.sum(sums)
-            val = metrics_from_sums(procs.sum(evaluation_sums(self.model, self.val_loader, desc="validate",
-                                                              progress=self.progress and procs.main)))
+            val = self._validate()
             steps = sums[4].item()
             row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
                    "train_loss": sums[0].item() / steps, "train_ce": sums[1].item() / steps,
@@ -355,6 +356,25 @@ class Trainer:
 
             plot_training(self.history, self.step_losses, len(self.loader), self.out / "curves.png", title=r["name"])
         return {"best": self.best, "history": self.history, "out": str(self.out)}
+
+    def _validate(self) -> dict:
+        return metrics_from_sums(self.procs.sum(evaluation_sums(self.model, self.val_loader, desc="validate",
+                                                                progress=self.progress and self.procs.main)))
+
+    def _validate_start(self) -> None:
+        """Epoch 0: the calibrated student before any QAT step, validated and saved like an epoch (the curve shows
+        where QAT began; a run killed in epoch 1 resumes without calibrating again). It is the best so far."""
+        val = self._validate()
+        row = {field: None for field in CSV_FIELDS} | {"epoch": 0, "lr": self.optimizer.param_groups[0]["lr"],
+                                                       "val_top1": val["top1"], "val_top5": val["top5"],
+                                                       "val_loss": val["loss"]}
+        self.history.append(row)
+        self.best = dict(row)
+        if self.procs.main:
+            self._save(0, val, improved=True)
+            print(f"epoch 0/{self.recipe['epochs']} (calibrated start): val top-1 {val['top1']:.2f}%  "
+                  f"top-5 {val['top5']:.2f}%", flush=True)
+        self.procs.barrier()
 
     def _save(self, epoch: int, val: dict, improved: bool) -> None:
         r = self.recipe
@@ -401,15 +421,32 @@ def finished_run(out: Path, recipe: dict) -> Path | None:
     return out / "best.pt" if done and (out / "best.pt").is_file() else None
 
 
+def unfinished_run(out: Path, recipe: dict) -> dict | None:
+    """The training state (``read_resume``) of a run of this very recipe in ``out`` that stopped before its last
+    epoch, else None."""
+    try:
+        state = read_resume(out / "last.pt")
+    except QvitError:
+        return None
+    saved = state["extra"]
+    return state if saved.get("recipe") == recipe and saved.get("epoch", recipe["epochs"]) < recipe["epochs"] else None
+
+
 def train_or_reuse(recipe: dict, out, progress: bool = True) -> Path:
-    """best.pt of ``recipe`` in ``out``: reused when a finished run of it is there, else trained (a stale or
-    unfinished run in ``out`` is replaced)."""
+    """best.pt of ``recipe`` in ``out``: reused when a finished run of it is there, continued exactly where it
+    stopped when an unfinished one is (long benchmarks carry over from one session to the next), else trained
+    (a run of another recipe in ``out`` is replaced)."""
     out = Path(out)
     best = finished_run(out, recipe)
     if best is not None:
         print(f"reusing {best} ({recipe['name']})")
         return best
-    for stale in ("last.pt", "best.pt", "metrics.csv"):
-        (out / stale).unlink(missing_ok=True)
-    train(recipe, out, progress=progress)
+    resume = unfinished_run(out, recipe)
+    if resume is not None:
+        print(f"resuming {out} ({recipe['name']}) after epoch {resume['extra']['epoch']} of {recipe['epochs']}",
+              flush=True)
+    else:
+        for stale in ("last.pt", "best.pt", "metrics.csv"):
+            (out / stale).unlink(missing_ok=True)
+    train(recipe, out, resume=resume, progress=progress)
     return out / "best.pt"

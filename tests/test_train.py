@@ -13,7 +13,7 @@ import torch
 
 from qvit_export import QvitError, read_checkpoint, save_checkpoint
 from qvit_export.recipe import RECIPE_DIRS, load_recipe
-from qvit_export.trainer import Trainer, finished_run
+from qvit_export.trainer import Trainer, finished_run, train_or_reuse, unfinished_run
 
 QVIT_TRAIN = [sys.executable, "-c",
               "import sys; from qvit_export.cli import qvit_train; sys.argv[0] = 'qvit-train'; qvit_train()"]
@@ -116,31 +116,50 @@ def test_torchrun_two_processes_equal_one(teacher_ckpt, tmp_path):
     assert abs(metrics_one["top1"] - metrics_two["top1"]) <= 0.5  # 1 image of 200: a near tie may flip
 
 
+def killed_run(args, run_dir, epochs_saved: int) -> dict:
+    """Start a run, SIGKILL it as soon as `epochs_saved` epochs after the calibrated start (epoch 0) are saved;
+    the saved training state."""
+    proc = subprocess.Popen([*args, "--out", run_dir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    csv = run_dir / "metrics.csv"
+    while (not csv.exists() or csv.read_text().count("\n") < 2 + epochs_saved) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # the next epoch has just begun
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    return read_checkpoint(run_dir / "last.pt")["extra"]
+
+
 def test_killed_run_resumes_to_the_same_result(teacher_ckpt, tmp_path):
     common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY, "--epochs", "3"]
     whole = subprocess.run([*QVIT_TRAIN, *common, "--out", tmp_path / "whole"], capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
+    whole_csv = (tmp_path / "whole" / "metrics.csv").read_text()
+    assert whole_csv.count("\n") == 5  # header, epoch 0 (the calibrated start), epochs 1-3
+    assert whole_csv.splitlines()[1].startswith("0,")
 
+    # qvit-train --resume, after epoch 1
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([*QVIT_TRAIN, *common, "--out", run_dir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (run_dir / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # epoch 1 is saved; epoch 2 has just begun
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
-    saved = read_checkpoint(run_dir / "last.pt")["extra"]
+    saved = killed_run([*QVIT_TRAIN, *common], run_dir, 1)
     assert saved["epoch"] == 1
-    assert finished_run(run_dir, saved["recipe"]) is None  # what make demo and the ablation would retrain
+    assert finished_run(run_dir, saved["recipe"]) is None
     resumed = subprocess.run([*QVIT_TRAIN, "--resume", run_dir / "last.pt", "--no-progress"], capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert max_difference(stored(tmp_path / "whole" / "last.pt"), stored(run_dir / "last.pt")) < 1e-6
-    assert (tmp_path / "whole" / "metrics.csv").read_text().count("\n") == 4
-    assert finished_run(run_dir, saved["recipe"]) == run_dir / "best.pt"
-    whole_rows = [ln.split(",")[:9] for ln in (tmp_path / "whole" / "metrics.csv").read_text().splitlines()]
-    resumed_rows = [ln.split(",")[:9] for ln in (run_dir / "metrics.csv").read_text().splitlines()]
-    assert whole_rows == resumed_rows  # loss terms and validation metrics per epoch; timings differ
+    # train_or_reuse (make demo, the ablations), after epoch 0: it continues the run, without calibrating again
+    reused_dir = tmp_path / "killed_at_start"
+    saved_at_start = killed_run([*QVIT_TRAIN, *common], reused_dir, 0)
+    assert saved_at_start["epoch"] == 0 and saved_at_start["recipe"] == saved["recipe"]
+    assert unfinished_run(reused_dir, saved["recipe"])["extra"]["epoch"] == 0
+    assert train_or_reuse(saved["recipe"], reused_dir, progress=False) == reused_dir / "best.pt"
+
+    whole_rows = [ln.split(",")[:9] for ln in whole_csv.splitlines()]
+    for run in (run_dir, reused_dir):
+        assert max_difference(stored(tmp_path / "whole" / "last.pt"), stored(run / "last.pt")) < 1e-6
+        assert finished_run(run, saved["recipe"]) == run / "best.pt"
+        resumed_rows = [ln.split(",")[:9] for ln in (run / "metrics.csv").read_text().splitlines()]
+        assert whole_rows == resumed_rows  # loss terms and validation metrics per epoch; timings differ
 
 
 def one_error_line(result) -> str:
