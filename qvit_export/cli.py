@@ -509,7 +509,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
-    from .recipe import load_recipe, parse_override, validate
+    from .recipe import load_recipe, parse_override, validate, with_defaults
 
     overrides = dict(parse_override(text) for text in args.set)
     overrides |= {key: getattr(args, key) for key, _ in _SHORTCUTS if getattr(args, key) is not None}
@@ -520,7 +520,7 @@ def train_main(argv=None) -> int:
         from .trainer import read_resume
 
         resume = read_resume(args.resume)
-        recipe = validate(dict(resume["extra"]["recipe"]))
+        recipe = validate(with_defaults(resume["extra"]["recipe"]))
         out = Path(args.out) if args.out else Path(args.resume).parent
     else:
         if not args.recipe:

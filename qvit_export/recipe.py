@@ -37,6 +37,8 @@ DEFAULTS: dict = {
     # optimisation
     "optimizer": "adamw",    # adamw | lamb
     "lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_epochs": 0.0,
+    "step_lr_scale": 1.0,    # qat: learning rate of the LSQ steps, relative to lr
+    "irm_lr_scale": 1.0,     # qat: learning rate of the IRM parameters (gamma, beta, blend), relative to lr
     "epochs": 1, "batch_size": 128,  # batch_size is global: split across torchrun processes
     "clip_grad": 1.0,        # max gradient norm; null turns clipping off
     "drop_path": 0.0,
@@ -134,6 +136,12 @@ def load_recipe(spec: str | None, overrides: dict | None = None) -> dict:
     return validate(recipe)
 
 
+def with_defaults(saved: dict) -> dict:
+    """A recipe as a run saved it, with the keys added since at their defaults: the same training, so a run
+    saved before a key existed is still the run of today's recipe."""
+    return copy.deepcopy(DEFAULTS) | copy.deepcopy(saved)
+
+
 def validate(recipe: dict) -> dict:
     unknown = sorted(set(recipe) - set(DEFAULTS))
     if unknown:
@@ -151,8 +159,8 @@ def validate(recipe: dict) -> dict:
         value = recipe[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key in ("seed", "irm_steps", "workers") else 1):
             raise QvitError(f"{key}={value!r} must be a whole number" + ("" if key in ("seed", "irm_steps", "workers") else " >= 1"))
-    for key in ("lr", "min_lr", "weight_decay", "warmup_epochs", "distill_weight", "distill_tau", "dgd_weight",
-                "label_smoothing", "drop_path"):
+    for key in ("lr", "min_lr", "weight_decay", "warmup_epochs", "step_lr_scale", "irm_lr_scale", "distill_weight",
+                "distill_tau", "dgd_weight", "label_smoothing", "drop_path"):
         value = recipe[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise QvitError(f"{key}={value!r} must be a finite number >= 0")

@@ -76,6 +76,26 @@ def test_qat_steps_lower_the_loss(teacher_ckpt, tmp_path, figures):
     assert read_checkpoint(tmp_path / "best.pt")["extra"]["calibration"] == drawn.record()
 
 
+def test_steps_and_irm_have_their_own_learning_rates(fmnist_teacher):
+    from qvit_export import QuantConfig, quantize
+    from qvit_export.quantize import irm_norms, quantizers
+    from qvit_export.recipe import with_defaults
+    from qvit_export.trainer import param_groups
+
+    model = quantize(fmnist_teacher, QuantConfig(4, 4, irm="blend"))
+    groups = param_groups(model, 0.05, 1e-3, step_lr_scale=0.1, irm_lr_scale=10.0)
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups if g["lr"] != 1e-3}
+    assert by_lr[1e-4] == {id(q.step) for _, q in quantizers(model)}
+    assert by_lr[1e-2] == {id(p) for _, norm in irm_norms(model) for p in norm.parameters()}
+    assert len(by_lr[1e-2]) == 3 * 2 * len(model.blocks)  # weight, bias, blend of q_norm and k_norm per block
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0, 0.0, 0.0]
+    # a run saved before these keys existed is the run of today's recipe (their defaults train the same way)
+    recipe = load_recipe("demo_w4a4")
+    older = {k: v for k, v in recipe.items() if k not in ("step_lr_scale", "irm_lr_scale")}
+    assert with_defaults(older) == recipe and (recipe["step_lr_scale"], recipe["irm_lr_scale"]) == (1.0, 1.0)
+
+
 def test_autocast_path(teacher_ckpt, tmp_path):
     """The AMP path qvit-train takes on CUDA, run under CPU autocast: codes in float32, finite, loss falls."""
     recipe = load_recipe("demo_w4a4", {"teacher": str(teacher_ckpt), "train_limit": 64, "val_limit": 100,
