@@ -77,4 +77,6 @@ class QuantConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise QvitError(f"unknown QuantConfig keys {unknown}: known keys are {sorted(known)}")
+        if d.get("irm") is True:  # saved before the variants existed, when IRM was the paper's alone
+            d = d | {"irm": "token"}
         return cls(**d)

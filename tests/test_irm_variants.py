@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qvit_export import QuantConfig, QvitError, calibrate, create_model, load_checkpoint, quantize, save_checkpoint
-from qvit_export.config import IRM_VARIANTS
+from qvit_export.config import DEFAULT_IRM, IRM_VARIANTS
 from qvit_export.irm import irm_bypassed
 from qvit_export.layers import IRM_NORMS
 from qvit_export.onnx_export import ExportOptions, export_onnx
@@ -19,8 +19,10 @@ MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "test_vit"]
 
 def test_config_names_the_variant():
     assert tuple(IRM_NORMS) == IRM_VARIANTS
-    assert QuantConfig(irm=True).irm == "token" and QuantConfig(irm=False).irm is False
+    assert QuantConfig(irm=True).irm == DEFAULT_IRM and QuantConfig(irm=False).irm is False
     assert QuantConfig.from_dict(QuantConfig(irm="head").to_dict()).irm == "head"
+    # a checkpoint saved before the variants existed says irm: true, which then meant the paper's form
+    assert QuantConfig.from_dict(QuantConfig(irm=False).to_dict() | {"irm": True}).irm == "token"
     for bad in ("layer", 1, None):
         with pytest.raises(QvitError, match="irm=.*token, head, blend"):
             QuantConfig(irm=bad)
