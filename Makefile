@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: install data test demo clean
+.PHONY: install data test demo probe-teacher ablation clean
 
 install: $(VENV)/.installed data
 
@@ -28,6 +28,13 @@ test: install
 
 demo: install
 	$(PY) -m qvit_export.demo
+
+# Issue 13's probe: the teacher alone, or the whole ablation (teacher included; resumable, hours on 2 cores).
+probe-teacher: install
+	$(PY) benchmarks/ablation_long.py --teacher-only
+
+ablation: install
+	$(PY) benchmarks/ablation_long.py
 
 clean:
 	rm -rf $(VENV) .cache runs *.egg-info

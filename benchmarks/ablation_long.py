@@ -5,6 +5,7 @@ method is the only difference.
 
     .venv/bin/python benchmarks/ablation_long.py             # -> benchmarks/results/ablation_long.{md,json,png}
     .venv/bin/python benchmarks/ablation_long.py --report    # tables and plot from the finished runs, no training
+    .venv/bin/python benchmarks/ablation_long.py --teacher-only   # the probe teacher alone (make probe-teacher)
 
 Each run lives in runs/probe/<student>_w<b>a<b>_s<seed>/: a finished run is reused, an interrupted one continues
 exactly where it stopped (the trainer's resume), so the command can be stopped (Ctrl-C, or a session's end) and
@@ -220,7 +221,8 @@ def write_results(args, argv, teacher: Path, fp: dict, jobs: list[Job], workdir:
     when = datetime.date.today().isoformat()
     epochs = args.epochs or recipe["epochs"]
     header = (f"Q-ViT ablation on the probe ({when}, {platform.machine()}, {torch.get_num_threads()} threads, "
-              f"torch {torch.__version__}): teacher {teacher} ({fp['epochs']} epochs, {fp['top1']:.2f}%); each "
+              f"torch {torch.__version__}): teacher {teacher} ({fp['epochs']} epochs, {fp['train_minutes']:.0f} min of "
+              f"training, {fp['top1']:.2f}%); each "
               f"student: recipe {args.recipe}, {epochs} epochs of QAT on all {recipe['train_limit'] or 60000} "
               f"training images, lr {recipe['lr']:g}, soft logit distillation (weight {recipe['distill_weight']}), "
               f"DGD weight {recipe['dgd_weight']:g}, IRM fitted with {recipe['irm_steps']} steps ('blend' is not "
@@ -253,6 +255,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, help="QAT epochs (default: the recipe's)")
     p.add_argument("--workdir", default="runs/probe")
     p.add_argument("--report", action="store_true", help="write the results from the finished runs and stop")
+    p.add_argument("--teacher-only", action="store_true", help="train (or continue) the teacher, print its top-1, stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bars inside a run")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ablation_long"))
     args = p.parse_args(argv)
@@ -267,8 +270,13 @@ def main(argv=None) -> int:
         train_or_reuse(teacher_recipe, teacher.parent, progress=not args.no_progress)
     saved = read_checkpoint(teacher)
     fp = {"top1": evaluate(load_checkpoint(teacher), fashion_mnist("test"), progress=False)["top1"],
-          "epochs": teacher_recipe["epochs"], "best_epoch": saved["extra"]["epoch"]}
+          "epochs": teacher_recipe["epochs"], "best_epoch": saved["extra"]["epoch"],
+          "train_minutes": run_state(teacher.parent)["seconds"] / 60}
 
+    if args.teacher_only:
+        print(f"teacher {teacher}: top-1 {fp['top1']:.2f}% on the 10,000 test images (best of "
+              f"{fp['epochs']} epochs: epoch {fp['best_epoch']}; {fp['train_minutes']:.0f} min of training)")
+        return 0
     chosen = [BY_SLUG[slug] for slug in args.students]
     jobs = [Job(s, bits, seed) for tier in sorted({s.tier for s in chosen}) for bits in args.bits
             for s in chosen if s.tier == tier for seed in args.seeds]
