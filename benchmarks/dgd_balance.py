@@ -25,14 +25,25 @@ sys.path.insert(0, str(ROOT))
 
 from qvit_export.atomic import write_text  # noqa: E402
 from qvit_export.distill import dgd_loss, logit_distillation, tapped  # noqa: E402
-from qvit_export.recipe import load_recipe  # noqa: E402
-from qvit_export.trainer import Trainer  # noqa: E402
+from qvit_export.recipe import load_recipe, with_defaults  # noqa: E402
+from qvit_export.trainer import Trainer, read_resume  # noqa: E402
 
 
-def measure(recipe_name: str, teacher: str, bits: int, irm: bool | str, images: int = 256) -> dict:
+def fresh_student(recipe_name: str, teacher: str, bits: int, irm: bool | str) -> Trainer:
+    """A student as QAT starts: calibrated (IRM fitted) by the trainer, as qvit-train would."""
     recipe = load_recipe(recipe_name, {"teacher": teacher, "w_bits": bits, "a_bits": bits, "irm": irm,
                                        "val_limit": 100})
-    trainer = Trainer(recipe, Path("runs/dgd_balance"), progress=False)
+    return Trainer(recipe, Path("runs/dgd_balance"), progress=False)
+
+
+def trained_student(run: Path) -> Trainer:
+    """A student where its QAT run ended (the run's last.pt); the run folder is only read."""
+    resume = read_resume(run / "last.pt")
+    return Trainer(with_defaults(resume["extra"]["recipe"]), Path("runs/dgd_balance"), resume=resume, progress=False)
+
+
+def measure(trainer: Trainer, images: int = 256) -> dict:
+    bits, irm = trainer.recipe["w_bits"], trainer.recipe["irm"]
     x = torch.stack([trainer.train_set[i][0] for i in range(images)])
     y = torch.tensor([trainer.train_set[i][1] for i in range(images)])
     model = trainer.model.train()
@@ -42,7 +53,8 @@ def measure(recipe_name: str, teacher: str, bits: int, irm: bool | str, images: 
         with torch.no_grad():
             teacher_logits = trainer.teacher(x)
         dgd = dgd_loss(student_tap, teacher_tap)
-    task = 0.5 * F.cross_entropy(logits, y) + 0.5 * logit_distillation(logits, teacher_logits, "soft")
+    alpha = trainer.recipe["distill_weight"]
+    task = (1 - alpha) * F.cross_entropy(logits, y) + alpha * logit_distillation(logits, teacher_logits, "soft")
     g_task = torch.autograd.grad(task, weights, retain_graph=True)
     g_dgd = torch.autograd.grad(dgd, weights, allow_unused=True)
     g_dgd = [torch.zeros_like(w) if g is None else g for g, w in zip(g_dgd, weights, strict=True)]
@@ -50,7 +62,7 @@ def measure(recipe_name: str, teacher: str, bits: int, irm: bool | str, images: 
     n_dgd = torch.sqrt(sum((g ** 2).sum() for g in g_dgd)).item()
     cos = (sum((a * b).sum() for a, b in zip(g_task, g_dgd, strict=True)) / (n_task * n_dgd)).item()
     return {"bits": bits, "irm": irm, "task_loss": task.item(), "dgd": dgd.item(), "grad_task": n_task,
-            "grad_dgd": n_dgd, "ratio": n_dgd / n_task, "cosine": cos}
+            "grad_dgd": n_dgd, "ratio": n_dgd / n_task, "cosine": cos, "dgd_weight": trainer.recipe["dgd_weight"]}
 
 
 def main(argv=None) -> int:
@@ -58,24 +70,32 @@ def main(argv=None) -> int:
     p.add_argument("--recipe", default="probe_qat", help="the student recipe (default probe_qat)")
     p.add_argument("--teacher", help="FP teacher (default: the recipe's)")
     p.add_argument("--irm", nargs="+", default=["none", "token", "head"], help="IRM variants to measure (none: no IRM)")
+    p.add_argument("--runs", nargs="+", type=Path,
+                   help="measure these finished QAT runs where they ended instead (-> dgd_balance_end.{md,json})")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     teacher = args.teacher or load_recipe(args.recipe)["teacher"]
-    rows = [measure(args.recipe, teacher, bits, False if irm == "none" else irm) for irm in args.irm for bits in (4, 2)]
-    lines = ["| student | task loss | DGD (weight 1) | ‖∇ task‖ | ‖∇ DGD‖ | ratio | cosine | level weight |",
-             "|---|---|---|---|---|---|---|---|"]
+    if args.runs:
+        rows = [measure(trained_student(run)) | {"run": str(run)} for run in args.runs]
+    else:
+        rows = [measure(fresh_student(args.recipe, teacher, bits, False if irm == "none" else irm))
+                for irm in args.irm for bits in (4, 2)]
+    lines = ["| student | task loss | DGD (weight 1) | ‖∇ task‖ | ‖∇ DGD‖ | ratio | cosine | level weight | "
+             "ratio × recipe weight |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         irm = f" + IRM {r['irm']}" if r["irm"] else ""
-        lines.append(f"| W{r['bits']}A{r['bits']}{irm} | "
-                     f"{r['task_loss']:.3f} | {r['dgd']:.1f} | {r['grad_task']:.2f} | {r['grad_dgd']:.1f} | "
-                     f"{r['ratio']:.0f}× | {r['cosine']:+.3f} | {1 / r['ratio']:.4f} |")
+        name = Path(r["run"]).name if "run" in r else f"W{r['bits']}A{r['bits']}{irm}"
+        lines.append(f"| {name} | {r['task_loss']:.3f} | {r['dgd']:.1f} | {r['grad_task']:.2f} | "
+                     f"{r['grad_dgd']:.1f} | {r['ratio']:.0f}× | {r['cosine']:+.3f} | {1 / r['ratio']:.4f} | "
+                     f"{r['ratio'] * r['dgd_weight']:.2f} ({r['dgd_weight']:g}) |")
     level = statistics.median(1 / r["ratio"] for r in rows)
     when = datetime.date.today().isoformat()
-    text = (f"DGD against the task loss at the start of QAT ({when}; recipe {args.recipe}, teacher {teacher}; one "
+    where = f"at the end of the QAT runs {', '.join(r['run'] for r in rows)}" if args.runs else "at the start of QAT"
+    text = (f"DGD against the task loss {where} ({when}; recipe {args.recipe}, teacher {teacher}; one "
             "batch of 256 Fashion-MNIST training images; gradients on the blocks' weight matrices; level weight = "
             "the DGD weight at which both gradients have the same norm):\n\n" + "\n".join(lines) +
             f"\n\nMedian level weight: {level:.4f}.\n")
-    out = ROOT / "benchmarks" / "results" / "dgd_balance"
+    out = ROOT / "benchmarks" / "results" / ("dgd_balance_end" if args.runs else "dgd_balance")
     write_text(out.with_suffix(".md"), text)
     write_text(out.with_suffix(".json"), json.dumps({"date": when, "recipe": args.recipe, "teacher": teacher,
                                                      "rows": rows, "median_level_weight": level}, indent=2))
