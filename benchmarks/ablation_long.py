@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,14 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from qvit_export.atomic import write_text  # noqa: E402
 from qvit_export.plots import save_figure  # noqa: E402
-from qvit_export.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
+from qvit_export.checkpoint import read_checkpoint  # noqa: E402
 from qvit_export.data import fashion_mnist  # noqa: E402
-from qvit_export.errors import QvitError  # noqa: E402
 from qvit_export.recipe import load_recipe  # noqa: E402
 from qvit_export.train import evaluate  # noqa: E402
-from qvit_export.trainer import finished_run, train_or_reuse, unfinished_run  # noqa: E402
-
-IRM_VARIANTS = ("token", "head", "blend")
+from qvit_export.config import IRM_VARIANTS  # noqa: E402
+from qvit_export.trainer import finished_run, saved_run, train_or_reuse  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -94,28 +93,27 @@ def student_recipe(args, teacher: Path, job: Job) -> dict:
     return load_recipe(args.recipe, overrides)
 
 
-def run_state(path: Path) -> dict | None:
-    """The history and timing of a run folder (finished or not), or None when nothing is saved yet."""
-    try:
-        extra = read_checkpoint(path / "last.pt")["extra"]
-    except QvitError:
-        return None
-    history = extra["train_state"]["history"]
-    return {"epoch": extra["epoch"], "history": history,
-            "seconds": sum(row["seconds"] or 0 for row in history)}
+def training_seconds(state: dict) -> float:
+    return sum(row["seconds"] or 0 for row in state["extra"]["train_state"]["history"])
 
 
-def result_row(job: Job, recipe: dict, out: Path) -> dict | None:
-    """What the tables need from a finished run of ``recipe`` in ``out``; None while it is not finished."""
-    if finished_run(out, recipe) is None:
+def run_states(args, teacher: Path, jobs: list[Job], workdir: Path) -> dict[Job, tuple[dict, dict | None]]:
+    """Each job's recipe and saved training state (``saved_run``: None when nothing of that recipe is saved), each
+    last.pt read once."""
+    recipes = {job: student_recipe(args, teacher, job) for job in jobs}
+    return {job: (recipes[job], saved_run(workdir / job.name, recipes[job])) for job in jobs}
+
+
+def result_row(job: Job, out: Path, recipe: dict, state: dict | None) -> dict | None:
+    """What the tables need from a finished run; None while it is not finished."""
+    if state is None or finished_run(out, recipe, state) is None:
         return None
-    state = run_state(out)
-    history = state["history"]
+    history = state["extra"]["train_state"]["history"]
     return {"student": job.student.slug, "label": job.student.label, "bits": job.bits, "seed": job.seed,
             "start": history[0]["val_top1"] if history[0]["epoch"] == 0 else None,
             "final": history[-1]["val_top1"], "best": max(row["val_top1"] for row in history),
             "curve": [[row["epoch"], row["val_top1"]] for row in history],
-            "train_seconds": state["seconds"], "run": str(out)}
+            "train_seconds": training_seconds(state), "run": str(out)}
 
 
 def minutes(seconds: float) -> str:
@@ -192,10 +190,8 @@ def plot(fp_top1: float, rows: list[dict], bits_list, path: Path) -> None:
 def irm_starts(args, teacher: Path, fp: dict, workdir: Path) -> dict:
     """Top-1 of each IRM variant's converted student with its quantizers off, fitted as the runs fit it (seed 0):
     what IRM alone costs before QAT begins. Cached in the workdir for this teacher."""
-    from qvit_export.calibrate import calibrate
-    from qvit_export.quantize import quantize, quantizers_disabled
-    from qvit_export.recipe import quant_config
-    from qvit_export.trainer import calibration_set, load_teacher
+    from qvit_export.quantize import quantizers_disabled
+    from qvit_export.trainer import Trainer
 
     cache = workdir / "irm_start.json"
     key = {"teacher": str(teacher), "teacher_top1": fp["top1"], "recipe": args.recipe}
@@ -204,11 +200,9 @@ def irm_starts(args, teacher: Path, fp: dict, workdir: Path) -> dict:
         if saved.get("key") == key:
             return saved["top1"]
     top1 = {}
-    for variant in IRM_VARIANTS:
+    for variant in IRM_VARIANTS:  # the student as its QAT run starts: calibrated and IRM-fitted by the trainer
         recipe = load_recipe(args.recipe, {"teacher": str(teacher), "irm": variant, "seed": 0})
-        model = quantize(load_teacher(recipe), quant_config(recipe))
-        calibrate(model, calibration_set(recipe, progress=False), irm_steps=recipe["irm_steps"], seed=0,
-                  progress=False)
+        model = Trainer(recipe, workdir / "irm_start", progress=False).model
         with quantizers_disabled(model):
             top1[variant] = evaluate(model, fashion_mnist("test"), progress=False)["top1"]
         print(f"IRM {variant}, quantizers off: {top1[variant]:.2f}% (teacher {fp['top1']:.2f}%)", flush=True)
@@ -217,13 +211,13 @@ def irm_starts(args, teacher: Path, fp: dict, workdir: Path) -> dict:
 
 
 def write_results(args, argv, teacher: Path, fp: dict, jobs: list[Job], workdir: Path) -> str:
-    rows = [row for job in jobs
-            if (row := result_row(job, student_recipe(args, teacher, job), workdir / job.name)) is not None]
+    rows = [row for job, (recipe, state) in run_states(args, teacher, jobs, workdir).items()
+            if (row := result_row(job, workdir / job.name, recipe, state)) is not None]
     markdown, table = summarise(fp["top1"], rows, args.bits, args.seeds)
     recipe = load_recipe(args.recipe)
     when = datetime.date.today().isoformat()
     epochs = args.epochs or recipe["epochs"]
-    header = (f"Q-ViT ablation on the probe ({when}, {platform.machine()}, {torch.get_num_threads()} threads, "
+    header = (f"Q-ViT ablation on the probe ({when}, {platform.machine()}, {os.cpu_count()} cores, "
               f"torch {torch.__version__}): teacher {teacher} ({fp['epochs']} epochs, {fp['train_minutes']:.0f} min of "
               f"training, {fp['top1']:.2f}%); each "
               f"student: recipe {args.recipe}, {epochs} epochs of QAT on all {recipe['train_limit'] or 60000} "
@@ -271,10 +265,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: the teacher {teacher} is not trained yet: run without --report")
         print(f"training the teacher ({args.teacher_recipe}, {teacher_recipe['epochs']} epochs) in {teacher.parent}")
         train_or_reuse(teacher_recipe, teacher.parent, progress=not args.no_progress)
-    saved = read_checkpoint(teacher)
-    fp = {"top1": evaluate(load_checkpoint(teacher), fashion_mnist("test"), progress=False)["top1"],
-          "epochs": teacher_recipe["epochs"], "best_epoch": saved["extra"]["epoch"],
-          "train_minutes": run_state(teacher.parent)["seconds"] / 60}
+    best = read_checkpoint(teacher)  # its metrics: validation on the same 10,000 test images
+    fp = {"top1": best["metrics"]["top1"], "epochs": teacher_recipe["epochs"], "best_epoch": best["extra"]["epoch"],
+          "train_minutes": training_seconds(saved_run(teacher.parent, teacher_recipe)) / 60}
 
     if args.teacher_only:
         print(f"teacher {teacher}: top-1 {fp['top1']:.2f}% on the 10,000 test images (best of "
@@ -286,24 +279,26 @@ def main(argv=None) -> int:
     if not args.report:
         started, walls = time.perf_counter(), []  # walls: whole runs timed in this call (calibration included)
         for i, job in enumerate(jobs, 1):
-            recipe, out = student_recipe(args, teacher, job), workdir / job.name
-            if finished_run(out, recipe) is not None:
+            states = run_states(args, teacher, jobs, workdir)
+            recipe, state = states[job]
+            out = workdir / job.name
+            if finished_run(out, recipe, state) is not None:
                 continue
-            done = [j for j in jobs if finished_run(workdir / j.name, student_recipe(args, teacher, j))]
+            done = [j for j, (r, st) in states.items() if st is not None and finished_run(workdir / j.name, r, st)]
             left = len(jobs) - len(done)
             if walls:
                 eta = f", about {minutes(statistics.median(walls) * left)} left"
             elif done:  # finished in an earlier call: only their training time is known
-                took = statistics.median(run_state(workdir / j.name)["seconds"] for j in done)
+                took = statistics.median(training_seconds(states[j][1]) for j in done)
                 eta = f", at least {minutes(took * left)} left (training time alone)"
             else:
                 eta = ""
-            partial = unfinished_run(out, recipe)
-            where = f" (continuing after epoch {partial['extra']['epoch']})" if partial else ""
+            partial = state is not None
+            where = f" (continuing after epoch {state['extra']['epoch']})" if partial else ""
             print(f"[{i}/{len(jobs)}] {job.name}{where}: {len(done)} done, {left} left{eta}", flush=True)
             begun = time.perf_counter()
             train_or_reuse(recipe, out, progress=not args.no_progress)
-            if partial is None:
+            if not partial:
                 walls.append(time.perf_counter() - begun)
             write_results(args, argv, teacher, fp, jobs, workdir)
         print(f"all {len(jobs)} runs finished ({minutes(time.perf_counter() - started)} in this call)")

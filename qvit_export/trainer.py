@@ -428,26 +428,22 @@ def train(recipe: dict, out, resume: dict | None = None, progress: bool = True) 
             trainer.procs.close()
 
 
-def finished_run(out: Path, recipe: dict) -> Path | None:
-    """best.pt of a run in ``out`` that finished this very recipe, else None."""
-    try:
-        saved = read_checkpoint(out / "last.pt")["extra"]
-    except QvitError:
-        return None
-    done = with_defaults(saved.get("recipe", {})) == recipe and saved.get("epoch") == recipe["epochs"]
-    return out / "best.pt" if done and (out / "best.pt").is_file() else None
-
-
-def unfinished_run(out: Path, recipe: dict) -> dict | None:
-    """The training state (``read_resume``) of a run of this very recipe in ``out`` that stopped before its last
-    epoch, else None."""
+def saved_run(out: Path, recipe: dict) -> dict | None:
+    """The training state (``read_resume`` of last.pt) of a run of this very recipe in ``out``, else None. A run
+    saved before a recipe key existed counts as today's recipe with that key at its default."""
     try:
         state = read_resume(out / "last.pt")
     except QvitError:
         return None
-    saved = state["extra"]
-    same = with_defaults(saved.get("recipe", {})) == recipe
-    return state if same and saved.get("epoch", recipe["epochs"]) < recipe["epochs"] else None
+    return state if with_defaults(state["extra"].get("recipe", {})) == recipe else None
+
+
+def finished_run(out: Path, recipe: dict, state: dict | None = None) -> Path | None:
+    """best.pt of a run in ``out`` that finished this very recipe, else None (``state``: its ``saved_run``, when
+    already read)."""
+    state = state if state is not None else saved_run(out, recipe)
+    done = state is not None and state["extra"]["epoch"] == recipe["epochs"]
+    return out / "best.pt" if done and (out / "best.pt").is_file() else None
 
 
 def train_or_reuse(recipe: dict, out, progress: bool = True) -> Path:
@@ -455,11 +451,12 @@ def train_or_reuse(recipe: dict, out, progress: bool = True) -> Path:
     stopped when an unfinished one is (long benchmarks carry over from one session to the next), else trained
     (a run of another recipe in ``out`` is replaced)."""
     out = Path(out)
-    best = finished_run(out, recipe)
+    state = saved_run(out, recipe)
+    best = finished_run(out, recipe, state)
     if best is not None:
         print(f"reusing {best} ({recipe['name']})")
         return best
-    resume = unfinished_run(out, recipe)
+    resume = state if state is not None and state["extra"]["epoch"] < recipe["epochs"] else None
     if resume is not None:
         print(f"resuming {out} ({recipe['name']}) after epoch {resume['extra']['epoch']} of {recipe['epochs']}",
               flush=True)

@@ -13,7 +13,7 @@ import torch
 
 from qvit_export import QvitError, read_checkpoint, save_checkpoint
 from qvit_export.recipe import RECIPE_DIRS, load_recipe
-from qvit_export.trainer import Trainer, finished_run, train_or_reuse, unfinished_run
+from qvit_export.trainer import Trainer, finished_run, saved_run, train_or_reuse
 
 QVIT_TRAIN = [sys.executable, "-c",
               "import sys; from qvit_export.cli import qvit_train; sys.argv[0] = 'qvit-train'; qvit_train()"]
@@ -171,7 +171,7 @@ def test_killed_run_resumes_to_the_same_result(teacher_ckpt, tmp_path):
     reused_dir = tmp_path / "killed_at_start"
     saved_at_start = killed_run([*QVIT_TRAIN, *common], reused_dir, 0)
     assert saved_at_start["epoch"] == 0 and saved_at_start["recipe"] == saved["recipe"]
-    assert unfinished_run(reused_dir, saved["recipe"])["extra"]["epoch"] == 0
+    assert saved_run(reused_dir, saved["recipe"])["extra"]["epoch"] == 0
     assert train_or_reuse(saved["recipe"], reused_dir, progress=False) == reused_dir / "best.pt"
 
     whole_rows = [ln.split(",")[:9] for ln in whole_csv.splitlines()]
