@@ -12,6 +12,8 @@ CALIBRATION_METHODS = ("mse", "lsq", "percentile")
 # 'blend', x + a*(LayerNorm(x) - x) with a learned a that starts at 0, so the model starts as the FP one.
 IRM_VARIANTS = ("token", "head", "blend")
 DEFAULT_IRM = "token"
+# What irm=True meant in files saved before they named the variant (checkpoints, a run's recipe.yaml): the paper's.
+SAVED_TRUE_IRM = "token"
 
 
 def check_bits(name: str, bits) -> int:
@@ -78,5 +80,5 @@ class QuantConfig:
         if unknown:
             raise QvitError(f"unknown QuantConfig keys {unknown}: known keys are {sorted(known)}")
         if d.get("irm") is True:  # saved before the variants existed, when IRM was the paper's alone
-            d = d | {"irm": "token"}
+            d = d | {"irm": SAVED_TRUE_IRM}
         return cls(**d)

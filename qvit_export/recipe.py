@@ -9,7 +9,7 @@ import copy
 import math
 from pathlib import Path
 
-from .config import CALIBRATION_METHODS, DEFAULT_IRM, IRM_VARIANTS, check_bits
+from .config import CALIBRATION_METHODS, DEFAULT_IRM, IRM_VARIANTS, SAVED_TRUE_IRM, check_bits
 from .errors import QvitError
 
 DEFAULTS: dict = {
@@ -138,8 +138,12 @@ def load_recipe(spec: str | None, overrides: dict | None = None) -> dict:
 
 def with_defaults(saved: dict) -> dict:
     """A recipe as a run saved it, with the keys added since at their defaults: the same training, so a run
-    saved before a key existed is still the run of today's recipe."""
-    return copy.deepcopy(DEFAULTS) | copy.deepcopy(saved)
+    saved before a key existed is still the run of today's recipe. A QAT run saved with ``irm: true`` (before runs
+    named their variant) trained SAVED_TRUE_IRM, whatever DEFAULT_IRM is now."""
+    recipe = copy.deepcopy(DEFAULTS) | copy.deepcopy(saved)
+    if recipe["mode"] == "qat" and recipe["irm"] is True:
+        recipe["irm"] = SAVED_TRUE_IRM
+    return recipe
 
 
 def validate(recipe: dict) -> dict:
@@ -169,6 +173,8 @@ def validate(recipe: dict) -> dict:
             raise QvitError(f"{key}={recipe[key]!r} must be true or false")
     if not isinstance(recipe["irm"], bool) and recipe["irm"] not in IRM_VARIANTS:
         raise QvitError(f"irm={recipe['irm']!r} must be true ({DEFAULT_IRM}), false or one of {', '.join(IRM_VARIANTS)}")
+    if recipe["mode"] == "qat" and recipe["irm"] is True:
+        recipe["irm"] = DEFAULT_IRM  # the run records the variant it trains: a later default cannot make it stale
     clip = recipe["clip_grad"]
     if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and math.isfinite(clip)
                                  and clip > 0):

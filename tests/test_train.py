@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qvit_export import QvitError, read_checkpoint, save_checkpoint
+from qvit_export.config import DEFAULT_IRM, SAVED_TRUE_IRM
 from qvit_export.recipe import RECIPE_DIRS, load_recipe
 from qvit_export.trainer import Trainer, finished_run, saved_run, train_or_reuse
 
@@ -42,7 +43,8 @@ def test_every_recipe_resolves():
         recipe = load_recipe(name)
         assert recipe["name"] == name
     deit = load_recipe("deit_tiny_w3a3")
-    assert (deit["w_bits"], deit["a_bits"], deit["model"], deit["irm"], deit["dgd"]) == (3, 3, "deit_tiny_patch16_224", True, True)
+    assert (deit["w_bits"], deit["a_bits"], deit["model"], deit["dgd"]) == (3, 3, "deit_tiny_patch16_224", True)
+    assert deit["irm"] == DEFAULT_IRM  # irm: true in the file; the run records the variant it trains
     over = load_recipe("demo_w4a4", {"w_bits": 2, "augment.hflip": 0.0, "lr": 1e-4})
     assert (over["w_bits"], over["augment"]["hflip"], over["lr"]) == (2, 0.0, 1e-4)
 
@@ -94,6 +96,9 @@ def test_steps_and_irm_have_their_own_learning_rates(fmnist_teacher):
     recipe = load_recipe("demo_w4a4")
     older = {k: v for k, v in recipe.items() if k not in ("step_lr_scale", "irm_lr_scale")}
     assert with_defaults(older) == recipe and (recipe["step_lr_scale"], recipe["irm_lr_scale"]) == (1.0, 1.0)
+    # a QAT run saved with irm: true (before runs named the variant) trained the paper's IRM, whatever the default
+    assert with_defaults(recipe | {"irm": True})["irm"] == SAVED_TRUE_IRM == "token"
+    assert with_defaults(load_recipe("demo_fp"))["irm"] is True  # an FP run has no IRM: nothing to resolve
 
 
 def test_autocast_path(teacher_ckpt, tmp_path):
