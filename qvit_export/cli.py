@@ -334,7 +334,7 @@ def quantize_parser() -> argparse.ArgumentParser:
 
     q.add_argument("--irm", nargs="?", const=DEFAULT_IRM, default=False, choices=IRM_VARIANTS,
                    help=f"IRM on queries and keys, fitted to the FP model at calibration; a variant may follow "
-                        f"({', '.join(IRM_VARIANTS)}; default {DEFAULT_IRM}, the paper's)")
+                        f"({', '.join(IRM_VARIANTS)}; default {DEFAULT_IRM}; token is the paper's)")
     q.add_argument("--method", choices=("mse", "lsq", "percentile"), default="mse", help="step rule (default mse)")
     q.add_argument("--irm-steps", type=_int_in(0), default=100, help="Adam steps of the IRM fit (default 100)")
     c = p.add_argument_group("calibration")

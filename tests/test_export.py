@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from qvit_export import QuantConfig, QvitError, calibrate, create_model, quantize, quantizers
+from qvit_export.config import DEFAULT_IRM
 from qvit_export.lsq import LSQQuantizer
 from qvit_export.demo import DEMO_KWARGS
 from qvit_export.onnx_export import ExportOptions, export_onnx
@@ -115,10 +116,15 @@ def test_graph_form_follows_tensorrt_rules(photo_exports):
         assert [u.op_type for u in after] == ["Concat"]
         concat.add(after[0].name)
     assert len(concat) == 1
-    # IRM: LayerNormalization on q, then the folded scale, then q's quantizer
-    clip = producers[nodes["blocks.0.attn.q_quantizer/QuantizeLinear"].input[0]]
-    mul = producers[clip.input[0]]
-    assert mul.op_type == "Mul" and producers[mul.input[0]].op_type == "LayerNormalization"
+    # IRM: LayerNormalization on q (over the axes of the default variant), then only per-channel affine maps and
+    # the folded attention scale (Mul/Add), then q's quantizer
+    node = producers[producers[nodes["blocks.0.attn.q_quantizer/QuantizeLinear"].input[0]].input[0]]
+    affine = []
+    while node.op_type in ("Mul", "Add"):
+        affine.append(node.op_type)
+        node = producers[node.input[0]]
+    assert node.op_type == "LayerNormalization" and "Mul" in affine and len(affine) <= 3, affine
+    assert {a.name: a.i for a in node.attribute}["axis"] == {"token": -1, "head": -2}[DEFAULT_IRM]
     assert graph.opset_import[0].version == 17
 
 

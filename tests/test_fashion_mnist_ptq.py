@@ -31,10 +31,11 @@ def test_w4a4_ptq_figure(irm, fmnist_teacher, fmnist_test, fmnist_calibration, f
 
 
 def test_irm_start_is_close_to_fp(fmnist_teacher, fmnist_test, fmnist_calibration, fp_top1, figures):
-    """IRM fitted to the FP output recovers most of what LayerNorm on q/k costs; gamma=1, beta=0 does not."""
+    """The paper's IRM (per-token LayerNorm on q/k) fitted to the FP output recovers most of what that LayerNorm
+    costs; gamma=1, beta=0 does not."""
     results = {}
     for steps in (0, 100):
-        student = calibrate(quantize(fmnist_teacher, QuantConfig(irm=True)), fmnist_calibration, irm_steps=steps)
+        student = calibrate(quantize(fmnist_teacher, QuantConfig(irm="token")), fmnist_calibration, irm_steps=steps)
         with quantizers_disabled(student):
             results[steps] = evaluate(student, fmnist_test, progress=False)["top1"]
     figures(f"FP {fp_top1:.2f}  IRM gamma=1,beta=0 {results[0]:.2f}  IRM fitted {results[100]:.2f} (quantizers off)")
