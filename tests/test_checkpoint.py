@@ -9,6 +9,7 @@ import torch
 
 from qvit_export import QuantConfig, QvitError, calibrate, create_model, load_checkpoint, quantize, save_checkpoint
 from qvit_export.checkpoint import FORMAT, read_checkpoint
+from qvit_export.config import DEFAULT_IRM
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def test_checkpoint_is_plain_data(quantized, tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", quantized)
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == FORMAT and raw["model"]["name"] == "vit_tiny_patch16_224"
-    assert raw["quant"]["w_bits"] == 3 and raw["quant"]["irm"] == "token"  # irm: true in older files loads as "token"
+    assert raw["quant"]["w_bits"] == 3 and raw["quant"]["irm"] == DEFAULT_IRM  # the variant by name, not True
     assert raw["state_dict"]["blocks.0.attn.q_quantizer._extra_state"]["bits"] == 3
 
 
