@@ -88,8 +88,11 @@ class HeadIRMNorm(IRMNorm):
 
 def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """The 'head' IRM: normalised over the last two axes (tokens x head_dim), then gamma and beta per channel
-    (HeadIRMNorm and its export form onnx_export.HeadNorm both compute it here)."""
-    return F.layer_norm(x, x.shape[-2:], eps=eps) * weight + bias
+    (HeadIRMNorm and its export form onnx_export.HeadNorm both compute it here). The normalised shape is taken as
+    plain ints: TorchScript's tracer would otherwise record it as computed from the input, which its ONNX
+    LayerNormalization cannot take (tokens and head_dim are fixed by the model; only the batch varies)."""
+    shape = (int(x.shape[-2]), int(x.shape[-1]))
+    return F.layer_norm(x, shape, eps=eps) * weight + bias
 
 
 @register_irm
