@@ -438,10 +438,13 @@ def saved_run(out: Path, recipe: dict) -> dict | None:
     return state if with_defaults(state["extra"].get("recipe", {})) == recipe else None
 
 
-def finished_run(out: Path, recipe: dict, state: dict | None = None) -> Path | None:
+_UNREAD = object()
+
+
+def finished_run(out: Path, recipe: dict, state=_UNREAD) -> Path | None:
     """best.pt of a run in ``out`` that finished this very recipe, else None (``state``: its ``saved_run``, when
-    already read)."""
-    state = state if state is not None else saved_run(out, recipe)
+    already read, None included: a run found missing is not read again)."""
+    state = saved_run(out, recipe) if state is _UNREAD else state
     done = state is not None and state["extra"]["epoch"] == recipe["epochs"]
     return out / "best.pt" if done and (out / "best.pt").is_file() else None
 

@@ -3,8 +3,9 @@ exporter) write the same graph: the same Clip/QuantizeLinear/DequantizeLinear no
 scales, ORT logits within float noise, the same parity figures, byte-identical reruns.
 
 DeiT-tiny and Swin-tiny (random init, IRM on, calibrated on the photographs) and the trained demo ViT (Fashion-MNIST,
-1,000 test images) at W8A8, W4A4 and W2A2, in every precision their weights allow (the timm models' W2A2 as int8). The int8 graphs of the default
-route are the session fixtures' own (conftest), so each case exports only what it lacks.
+1,000 test images) at W8A8, W4A4 and W2A2, in every precision their weights allow (the timm models' W2A2 as int8).
+The int8 graphs of the default route are the session fixtures' own (conftest), so each case exports only what it
+lacks.
 """
 import time
 

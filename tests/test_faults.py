@@ -254,7 +254,8 @@ CASES = [
     # a failed re-export over a good set
     # an FP16 graph rounds values across code boundaries (README: FP16 parity), so max 0 LSB fails whatever the IRM
     ("parity-fails", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", *RTX, "--max-lsb", 0,
-                                     "--dtype", "fp16", "--parity-images", 300], 2, ["parity below thresholds", "m.parity.failed.json"],
+                                     "--dtype", "fp16", "--parity-images", 300], 2,
+     ["parity below thresholds", "m.parity.failed.json"],
      ("m.parity.failed.json",)),
     ("engine-step-fails", "qvit-export", ["--ckpt", "{in:w8a8}", "--engine", "{out}/m.plan", *RTX,
                                           "--parity-images", 300], 2, ["float GEMMs", "m.build.failed.json"],
