@@ -18,12 +18,10 @@ that compute them and of the DequantizeLinear nodes that feed them. ``analyze`` 
 - its *helper kernels*: kernels with no runtime input that read the layer's constant weight and exist only for
   it (an Int4→Int8 cast, a separate dequantization): work done on every inference that a fused GEMM does not do.
 
-A layer may own several GEMMs: an attention's INT8-weight qkv is exported as three MatMuls, one per q, k and v
-slice of its weight (onnx_export.ExportQKV), which TensorRT-RTX merges into one kernel that names all three. Each
-is placed on its own and listed with its ``part``. In the summary, ``quantized_layers`` counts layers (each
-quantized Linear/Conv once, and per attention its two matmuls); ``int8_gemms``, ``int4_weight_gemms``,
-``float_gemms``, ``weight_casts`` and ``unmatched`` count the ONNX GEMMs (and their helpers), so a split qkv is one
-layer and three int8 GEMMs; ``kernels`` counts the engine's kernels, not its cross-stream events.
+In the summary, ``quantized_layers`` counts layers (each quantized Linear/Conv once, and per attention its two
+matmuls), one ONNX GEMM each; ``int8_gemms``, ``int4_weight_gemms``, ``float_gemms``, ``weight_casts`` and
+``unmatched`` count them by kind (and their helpers); ``kernels`` counts the engine's kernels, not its cross-stream
+events.
 """
 from __future__ import annotations
 
@@ -170,7 +168,6 @@ class LayerAnatomy:
     layer: str
     onnx_node: str
     kind: str                       # int8 | int4-weight | int8-weight | float | unmatched
-    part: str | None = None         # the slice of a layer exported as several GEMMs ('q', 'k', 'v' of a qkv)
     kernel: str | None = None
     layer_type: str | None = None
     input_dtypes: list[str] = field(default_factory=list)
@@ -222,7 +219,7 @@ def analyze(kernels: list[Kernel], ops: list[dict], reasons: dict[str, str] | No
         nodes = {op["node"]} | ({op["weight_dq"]} if op["weight_dq"] else set())
         mine = [k for k in kernels if op["node"] in k.onnx_nodes]
         compute = next((k for k in mine if k.computes), None)
-        entry = LayerAnatomy(op["layer"], op["node"], "unmatched", op.get("part"), reason=reasons.get(op["layer"]))
+        entry = LayerAnatomy(op["layer"], op["node"], "unmatched", reason=reasons.get(op["layer"]))
         if compute is not None:
             entry.kind, entry.weight_dtype = _classify(compute)
             entry.kernel, entry.layer_type = compute.name, compute.layer_type
@@ -249,7 +246,7 @@ def analyze(kernels: list[Kernel], ops: list[dict], reasons: dict[str, str] | No
         types[k.layer_type] = types.get(k.layer_type, 0) + 1
     summary = {
         "kernels": sum(1 for k in kernels if not (k.shape_only or k.event)),
-        "quantized_layers": len({e.layer for e in layers}),  # layers; every other count is of GEMMs
+        "quantized_layers": len(layers),
         "int8_gemms": sum(1 for e in layers if e.kind == "int8"),
         "int4_weight_gemms": sum(1 for e in layers if e.kind == "int4-weight"),
         "float_gemms": sum(1 for e in layers if e.kind == "float"),
@@ -271,5 +268,5 @@ def summary_line(anatomy: dict) -> str:
 
 
 def float_gemm_layers(anatomy: dict) -> list[dict]:
-    """The GEMMs that run in float and whose export did not choose that (a qkv layer may appear once per slice)."""
+    """The GEMMs that run in float and whose export did not choose that."""
     return [e for e in anatomy["layers"] if e["kind"] == "float" and not e["reason"]]

@@ -128,6 +128,9 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
                    help="auto (the checkpoint's dataset, else photographs), fashion-mnist, photos, or an image folder")
     v.add_argument("--parity-images", type=_int_in(1), default=1000, help="how many images (default 1000)")
     v.add_argument("--parity-report", help="JSON report path (default: <onnx>.parity.json)")
+    v.add_argument("--parity-memory", type=_int_in(64), default=2048, metavar="MB",
+                   help="memory for comparing integer codes (default 2048): fewer images at a time where one image "
+                        "has many codes (long token sequences)")
     v.add_argument("--min-top1-agreement", type=_float_in(0, 100), help="percent (default 99.9; 90 with --dtype fp16)")
     v.add_argument("--min-code-match", type=_float_in(0, 100),
                    help="percent per quantizer (default 99.9; 98 with --dtype fp16)")
@@ -242,7 +245,7 @@ def _export_staged(out, args, outputs: dict, model, metadata: dict, dataset_hint
         out, model, images, options, metadata, simplify=not args.no_simplify, labels=("--onnx", "--parity-report"),
         min_top1=args.min_top1_agreement if args.min_top1_agreement is not None else (90.0 if fp16 else 99.9),
         min_codes=args.min_code_match if args.min_code_match is not None else (98.0 if fp16 else 99.9),
-        max_lsb=args.max_lsb)
+        max_lsb=args.max_lsb, memory_mb=args.parity_memory)
     onnx_bytes = out.stage("--onnx").stat().st_size
     if report is not None:
         print(f"parity data: {what}")

@@ -8,9 +8,9 @@ The quantized model is copied into an *export twin* whose layers emit TensorRT's
   ``precision="int4"`` rewrites the ≤4-bit MatMul weights as INT4 initializers in blocks of 64 or 128 along K
   (opset 21, TensorRT's documented INT4 form); ``"int4-weight-only"`` does the same and leaves every activation
   quantizer out (activations in the graph's dtype), which is TensorRT's INT4 path (W4A16);
-- an attention's qkv Linear with INT8 weights as three MatMuls (q, k, v) on its one input QDQ, each with its
-  columns of the codes, scales and bias, concatenated back (ExportQKV: TensorRT-RTX ran the single MatMul as a
-  float GEMM at 8-bit activations without IRM);
+- an attention's qkv as one MatMul whose output is split heads first (layers.split_heads), which TensorRT runs as
+  one INT8 GEMM and ONNX Runtime as one integer kernel;
+- GELU written as ``x·(erf(x/√2) + 1)·0.5`` (ErfGELU), the order ONNX Runtime fuses into its Gelu kernel;
 - IRM's LayerNorm on q and k, then the folded attention scale, then q's QDQ; k is quantized already
   transposed; v and the softmax output get their own QDQ.
 Each QDQ op is written two ways, for the two export routes (onnx_routes): under torch.export (dynamo) the layers
@@ -22,18 +22,21 @@ the tags, which ties ONNX nodes to PyTorch modules.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.layers import PatchEmbed
 from torch import nn
 
 from .errors import QvitError
-from .layers import IRMNorm, QuantAttentionMixin, QuantConv2d, QuantLinear, head_layer_norm
+from .layers import IRMNorm, QuantConv2d, QuantLinear, head_layer_norm
 from .lsq import LSQQuantizer
 from . import onnx_routes
-from .onnx_graph import OWNER_KEY, SLICES
+from .onnx_graph import OWNER_KEY
 from .timm_models import input_shape
 
 DEFAULT_OPSET = 17      # LayerNormalization; per-axis QDQ
@@ -176,10 +179,14 @@ class _ExportWeightLayer(nn.Module):
         self.name = name
         self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype, f"{name}.input_quantizer") \
             if activations else PassThrough()
-        self.register_buffer("weight_codes", codes.t().contiguous() if self.axis == 1 else codes)
+        self.register_buffer("weight_codes", self.stored_codes(codes))
         self.register_buffer("weight_scale", wq.scale().reshape(-1).to(dtype))
         self.register_buffer("weight_zero", torch.zeros(codes.shape[0], dtype=torch.int8))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
+
+    def stored_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The codes as the graph stores them: MatMul's [in, out] (axis 1), or as they are."""
+        return codes.t().contiguous() if self.axis == 1 else codes
 
     def dequantized_weight(self) -> torch.Tensor:
         return _weight_dq(self.weight_codes, self.weight_scale, self.weight_zero, self.axis,
@@ -193,6 +200,11 @@ class ExportLinear(_ExportWeightLayer):
     × blocked INT4 weights on a 3-D input (Myelin ``CHECK(is_constant()) failed``; measured on one 384×384
     MatMul: 2-D builds, 3-D fails, blocks of 64 and 128 alike), so int4 layers under INT8 activations are flattened
     before their Q and reshaped back after the MatMul; the DQ still feeds the MatMul directly.
+
+    Otherwise a 2-D input (a classifier head's [batch, features]) runs as [batch, 1, features]: ONNX Runtime fuses a
+    2-D MatMul and its bias Add into a Gemm before it looks for QDQ patterns, and has no integer Gemm with a float
+    bias, so the head stayed a float Gemm on weights dequantized at every run (ORT 1.32, 2026-12-03); as a 3-D
+    MatMul it becomes MatMulIntegerToFloat like every other layer.
     """
 
     axis = 1
@@ -206,56 +218,76 @@ class ExportLinear(_ExportWeightLayer):
         if self.flatten:
             y = torch.matmul(self.input_quantizer(x.reshape(-1, x.shape[-1])), self.dequantized_weight())
             y = y.reshape(*x.shape[:-1], y.shape[-1])
+        elif x.dim() == 2:
+            return self.forward(x.unsqueeze(1)).squeeze(1)
         else:
             y = torch.matmul(self.input_quantizer(x), self.dequantized_weight())
         return y if self.bias is None else y + self.bias
 
 
-class _ColumnSlice(nn.Module):
-    """Columns of an ExportLinear's stored [K, N] weight, with their scales, zero points and bias: a MatMul of its
-    own, under its own DequantizeLinear, on the input that the whole layer quantized."""
+class ExportPatchLinear(_ExportWeightLayer):
+    """A patch embedding's convolution (kernel = stride, no padding) as x → QDQ → MatMul on its [B, patches,
+    C·kh·kw] patches: the INT8 codes stored [C·kh·kw, Cout] (axis 1), in the order in which ExportPatchEmbed lays
+    out each patch, so every product is the convolution's. ONNX Runtime has no integer convolution with a float
+    output (QLinearConv requantizes it): as a Conv the patch embedding ran in float there on weights dequantized at
+    every run, as a MatMul it is MatMulIntegerToFloat; TensorRT-RTX runs it as an INT8 GEMM with the patch layout
+    fused into the input's Q kernel (DeiT-Ti W8A8 for SM89, 2026-12-03: 198 kernels, as with the Conv)."""
 
-    def __init__(self, whole: ExportLinear, columns: slice, part: str):
-        super().__init__()
-        self.owner = f"{whole.name}.{part}.weight_quantizer"
-        self.register_buffer("weight_codes", whole.weight_codes[:, columns].contiguous())
-        self.register_buffer("weight_scale", whole.weight_scale[columns].contiguous())
-        self.register_buffer("weight_zero", whole.weight_zero[columns].contiguous())
-        self.bias = None if whole.bias is None else nn.Parameter(whole.bias[columns].clone(), requires_grad=False)
+    axis = 1
 
-    def forward(self, x):
-        y = torch.matmul(x, _weight_dq(self.weight_codes, self.weight_scale, self.weight_zero, 1, self.owner))
+    def stored_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.reshape(codes.shape[0], -1).t().contiguous()
+
+    def forward(self, patches):
+        y = torch.matmul(self.input_quantizer(patches), self.dequantized_weight())
         return y if self.bias is None else y + self.bias
 
 
-class ExportQKV(nn.Module):
-    """An attention's qkv Linear as three MatMuls on its one input QDQ, concatenated back: ``q``, ``k`` and ``v``
-    each read their columns of the INT8 codes ([K, 3·dim] → [K, dim]), scales and bias; the attention reshapes
-    and unbinds the [.., 3·dim] result as it does timm's. ONNX Runtime's logits equal the single MatMul's bit for bit.
+def patch_embedding_as_matmul(parent: nn.Module, conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` is the projection of a timm PatchEmbed that ExportPatchEmbed can write as a MatMul: kernel
+    equal to stride, no padding, dilation or groups, and no padding of the image at run time."""
+    return type(parent) is PatchEmbed and parent.proj is conv and not parent.dynamic_img_pad \
+        and tuple(conv.kernel_size) == tuple(conv.stride) and tuple(conv.padding) == (0, 0) \
+        and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
 
-    Why (TensorRT-RTX 1.7, SM89): one qkv MatMul ran as a float GEMM at 8-bit activations without IRM (W8A8 and
-    W4A8; not with IRM's LayerNorm after it, nor at 4-bit activations): Myelin moved the head reshape, transpose
-    and split behind the GEMM into its weight (a helper kernel dequantizes and permutes it, then
-    ``__myl_CastMulFc``). Split, Myelin merges the three INT8 GEMMs back into one kernel
-    (``<v>/MatMul+<k>/MatMul+<q>/MatMul``) and every qkv is INT8, with fewer kernels than before (W8A8: demo ViT
-    36 → 30, DeiT-Ti 233 → 198, Swin-T 240 → 216) and the same number with IRM (demo 32, DeiT-Ti 198, Swin-T 216).
-    Without the Concat (q, k, v straight into the heads) the GEMMs are INT8 too but each block has 2 more kernels.
-    Not split (_splits_qkv): INT4-weight qkv layers (never float; split, each block casts and multiplies three
-    INT4 weights instead of one: DeiT-Ti int4 246 → 294 kernels) and weight-only graphs (Swin's INT8 K=96 qkv
-    split: 2 more kernels each). The slices are named ``<layer>.q`` / ``.k`` / ``.v`` (onnx_graph.SLICES).
-    """
 
-    def __init__(self, layer: QuantLinear, dtype: torch.dtype, name: str):
-        super().__init__()
-        whole = ExportLinear(layer, dtype, name)
-        self.input_quantizer = whole.input_quantizer
-        dim = whole.weight_codes.shape[1] // 3
-        self.q, self.k, self.v = (_ColumnSlice(whole, slice(i * dim, (i + 1) * dim), part)
-                                  for i, part in enumerate(SLICES["qkv"]))
+class ExportPatchEmbed(PatchEmbed):
+    """Export form of timm's PatchEmbed (installed over it by ``__class__``, so its norm and settings stay): the
+    image cut into patches by Reshape/Transpose, each patch's C·kh·kw values in the convolution's order, then
+    ExportPatchLinear, and the output in the layout timm's PatchEmbed returns (flattened tokens, NHWC, ...)."""
 
     def forward(self, x):
-        x = self.input_quantizer(x)
-        return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
+        B, C, H, W = x.shape
+        kh, kw = self.patch_size
+        h, w = H // kh, W // kw
+        patches = x.reshape(B, C, h, kh, w, kw).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * kh * kw)
+        x = self.proj(patches)  # [B, h·w, D]
+        fmt = "NLC" if self.flatten else str(getattr(self.output_fmt, "value", self.output_fmt))
+        if fmt == "NHWC":
+            x = x.reshape(B, h, w, -1)
+        elif fmt == "NCHW":
+            x = x.reshape(B, h, w, -1).permute(0, 3, 1, 2)
+        elif fmt == "NCL":
+            x = x.transpose(1, 2)
+        return self.norm(x)
+
+
+def graph_layouts(model: nn.Module) -> dict:
+    """{activation quantizer: a function from the codes it has in the exported graph to the layout of its PyTorch
+    output}, for quantizers the graph applies to a re-laid-out tensor: a patch embedding written as a MatMul
+    (ExportPatchEmbed) quantizes the [B, patches, C·kh·kw] patches, PyTorch the [B, C, H, W] image."""
+    layouts = {}
+    for name, mod in model.named_modules():
+        proj = getattr(mod, "proj", None)
+        if isinstance(proj, QuantConv2d) and patch_embedding_as_matmul(mod, proj):
+            layouts[f"{name}.proj.input_quantizer".lstrip(".")] = functools.partial(
+                _patches_to_image, channels=proj.in_channels, kernel=tuple(proj.kernel_size), grid=mod.grid_size)
+    return layouts
+
+
+def _patches_to_image(codes, channels: int, kernel: tuple[int, int], grid: tuple[int, int]):
+    (kh, kw), (h, w) = kernel, grid
+    return codes.reshape(-1, h, w, channels, kh, kw).transpose(0, 3, 1, 4, 2, 5).reshape(-1, channels, h * kh, w * kw)
 
 
 class ExportConv2d(_ExportWeightLayer):
@@ -290,6 +322,17 @@ class ExportConv2d(_ExportWeightLayer):
         inputs = (x, self.weight_float) + (() if self.bias is None else (self.bias,))
         return _onnx_node("Conv", inputs, like, self.name, strides=list(self.stride), dilations=list(self.dilation),
                           pads=list(self.padding) * 2, group=self.groups, kernel_shape=list(kernel))
+
+
+class ErfGELU(nn.Module):
+    """nn.GELU (exact, erf form) written as ``Mul(Mul(x, Add(Erf(Div(x, √2)), 1)), 0.5)``, the node order ONNX
+    Runtime 1.32's GeluFusion recognises on either export route. torch.export writes ``x · (0.5 · (1 + erf))``, which
+    ORT leaves as five elementwise kernels over the MLP's widest tensor: on deit_small W8A8 (ORT CPU, 2 cores,
+    2026-12-03) that was most of the dynamo route's 20% over the TorchScript route, whose symbolic writes this order.
+    Multiplying by 0.5 last is exact in floating point, so the values are those of the other order."""
+
+    def forward(self, x):
+        return x * (torch.erf(x / math.sqrt(2.0)) + 1.0) * 0.5
 
 
 class DecomposedLayerNorm(nn.Module):
@@ -385,17 +428,6 @@ def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
                                 "with per-tensor activation quantizers (the default QuantConfig)")
 
 
-# Tests switch it off to export the single qkv MatMul of earlier versions, which the split graph must equal.
-SPLIT_QKV = True
-
-
-def _splits_qkv(name: str, parent: nn.Module, activations: bool, int4: list[str]) -> bool:
-    """Whether the Linear ``name`` is an attention's qkv that ExportQKV writes as three MatMuls: INT8 weights
-    under quantized activations (ExportQKV says why not the others)."""
-    return SPLIT_QKV and name.rpartition(".")[2] == "qkv" and isinstance(parent, QuantAttentionMixin) \
-        and activations and name not in int4
-
-
 def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None = None) -> nn.Module:
     """A copy of the quantized model whose layers emit the QDQ graph; same maths, ONNX-friendly form.
     ``int4``: the layers whose weights become INT4 blocks (default: ``int4_layers`` for an int4 precision)."""
@@ -411,18 +443,21 @@ def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None
             continue
         parent_name, _, child = name.rpartition(".")
         parent = twin.get_submodule(parent_name) if parent_name else twin
-        if isinstance(mod, QuantLinear) and _splits_qkv(name, parent, activations, int4):
-            setattr(parent, child, ExportQKV(mod, dtype, name))
-        elif isinstance(mod, QuantLinear):
+        if isinstance(mod, QuantLinear):
             setattr(parent, child, ExportLinear(mod, dtype, name, activations, flatten=name in flattened))
+        elif isinstance(mod, QuantConv2d) and activations and patch_embedding_as_matmul(parent, mod):
+            setattr(parent, child, ExportPatchLinear(mod, dtype, name))
+            parent.__class__ = ExportPatchEmbed
         elif isinstance(mod, QuantConv2d):
             setattr(parent, child, ExportConv2d(mod, dtype, name, activations))
-        elif isinstance(mod, LSQQuantizer) and not isinstance(parent, (ExportLinear, ExportQKV, ExportConv2d)):
+        elif isinstance(mod, LSQQuantizer) and not isinstance(parent, _ExportWeightLayer):
             setattr(parent, child, ActivationQDQ(mod, dtype, name) if activations else PassThrough())
         elif isinstance(mod, IRMNorm):
             setattr(parent, child, irm_export_form(mod, options.decompose_layernorm))
         elif isinstance(mod, nn.LayerNorm):
             setattr(parent, child, DecomposedLayerNorm(mod) if options.decompose_layernorm else _plain_layernorm(mod))
+        elif type(mod) is nn.GELU and mod.approximate == "none":
+            setattr(parent, child, ErfGELU())
     return twin.to(dtype)
 
 

@@ -2,9 +2,7 @@
 
 - names every Clip/QuantizeLinear/DequantizeLinear after the quantizer it belongs to, which the export route
   tagged it with (OWNER_KEY, onnx_routes), and every MatMul/Conv that a quantized layer computes after that layer
-  (prepare), so TensorRT's kernels can be traced back to it; a
-  layer exported as column slices (an attention's qkv: '<attn>.qkv.q', '.k', '.v', SLICES) names each slice's
-  weight DequantizeLinear and MatMul after the slice, and ``sliced``/``weight_quantizer`` map it back;
+  (prepare), so TensorRT's kernels can be traced back to it;
 - rewrites ≤4-bit MatMul weights as INT4 initializers in blocks of 64 or 128 along K (our per-channel step
   repeated per block, so the values are unchanged);
 - records metadata, and saves atomically;
@@ -25,26 +23,6 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # The node metadata key that carries the PyTorch module a node belongs to (a quantizer for Clip/Q/DQ, a layer for a
 # weight-only Conv) from the export route to prepare(), which names the node after it and removes the key.
 OWNER_KEY = "qvit.owner"
-
-
-# Layers that the export writes as column slices, one MatMul each ({layer's last name: its slices in column
-# order}): an attention's qkv as '<attn>.qkv.q', '.k' and '.v' (onnx_export.ExportQKV). A Linear has no
-# submodules, so no PyTorch module has such a name.
-SLICES = {"qkv": ("q", "k", "v")}
-
-
-def sliced(name: str) -> tuple[str, str | None]:
-    """'blocks.0.attn.qkv.k' → ('blocks.0.attn.qkv', 'k'): the layer a slice belongs to; other names → (name, None)."""
-    layer, _, part = name.rpartition(".")
-    return (layer, part) if part in SLICES.get(layer.rpartition(".")[2], ()) else (name, None)
-
-
-def weight_quantizer(owner: str) -> tuple[str, str | None]:
-    """The PyTorch weight quantizer and slice of a weight DequantizeLinear's owner:
-    'blocks.0.attn.qkv.v.weight_quantizer' → ('blocks.0.attn.qkv.weight_quantizer', 'v')."""
-    base, _, role = owner.rpartition(".")
-    layer, part = sliced(base)
-    return f"{layer}.{role}", part
 
 
 def qdq_counts(model) -> Counter:
@@ -70,25 +48,12 @@ def quantize_outputs(model) -> dict[str, str]:
 
 
 def weight_initializers(model) -> dict[str, np.ndarray]:
-    """{weight quantizer name: integer codes as stored} for every weight DequantizeLinear. A layer stored as
-    column slices (SLICES) is put back together in column order, so every stored code is compared."""
+    """{weight quantizer name: integer codes as stored} for every weight DequantizeLinear."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    parts: dict[str, dict[str | None, np.ndarray]] = {}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits and _owner(node):
-            quantizer, part = weight_quantizer(_owner(node))
-            parts.setdefault(quantizer, {})[part] = numpy_helper.to_array(inits[node.input[0]])
-    return {q: found[None] if list(found) == [None] else np.concatenate([found[p] for p in _ordered(q, found)], -1)
-            for q, found in parts.items()}
-
-
-def _ordered(quantizer: str, found: dict) -> list:
-    """The slices of ``quantizer``'s layer that the graph holds, in column order (a missing one leaves a gap that
-    the shape comparison catches)."""
-    order = SLICES.get(quantizer.rsplit(".", 2)[-2], ())
-    return [p for p in order if p in found] + [p for p in found if p not in order]
+    return {_owner(node): numpy_helper.to_array(inits[node.input[0]]) for node in model.graph.node
+            if node.op_type == "DequantizeLinear" and node.input[0] in inits and _owner(node)}
 
 
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")
@@ -123,10 +88,9 @@ def _name_compute_nodes(model) -> None:
 
 
 def quantized_ops(model) -> list[dict]:
-    """Every quantized computation in the graph, in graph order: {'layer', 'part', 'node', 'op', 'weight_dq',
-    'input_dq', 'weight_dtype'}. 'layer' is the PyTorch module ('blocks.0.mlp.fc1') or, for attention,
-    '<attn>.scores' / '<attn>.context'; 'part' names the slice of a layer stored as several MatMuls ('q', 'k',
-    'v' of '<attn>.qkv', SLICES), else None; 'input_dq' lists the activation DequantizeLinear nodes feeding it."""
+    """Every quantized computation in the graph, in graph order: {'layer', 'node', 'op', 'weight_dq', 'input_dq',
+    'weight_dtype'}. 'layer' is the PyTorch module ('blocks.0.mlp.fc1') or, for attention, '<attn>.scores' /
+    '<attn>.context'; 'input_dq' lists the activation DequantizeLinear nodes feeding it."""
     from onnx import TensorProto
 
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -143,8 +107,8 @@ def quantized_ops(model) -> list[dict]:
         if not dqs and not (len(node.input) > 1 and node.input[1] in inits):
             continue
         stored = inits[weight[0].input[0]] if weight else inits.get(node.input[1])
-        layer, part = sliced(layer) if kind == node.op_type else (f"{layer}.{kind}", None)
-        entry = {"layer": layer, "part": part, "node": node.name, "op": node.op_type,
+        layer = layer if kind == node.op_type else f"{layer}.{kind}"
+        entry = {"layer": layer, "node": node.name, "op": node.op_type,
                  "weight_dq": weight[0].name if weight else None,
                  "input_dq": [d.name for d in dqs if d.input[0] not in inits],
                  "weight_dtype": TensorProto.DataType.Name(stored.data_type).lower() if stored is not None else None}

@@ -56,6 +56,7 @@ class ParityReport:
     quantizers: dict[str, QuantizerParity] = field(default_factory=dict)
     weights_identical: bool = True
     weight_mismatches: list[str] = field(default_factory=list)
+    images_per_chunk: int = 0  # how many images were compared at once (images_per_chunk)
 
     @property
     def top1_agreement(self) -> float:
@@ -99,11 +100,21 @@ class ParityReport:
 PARITY_ORT_OPTIMIZATION = "ORT_ENABLE_BASIC"
 
 
+# ONNX Runtime turns a weight-only graph's blocked INT4 DequantizeLinear → MatMul into MatMulNBits, whose
+# accuracy_level says how it computes: 4 (ORT's default) quantizes the activations to int8 per block at run time, 1
+# dequantizes the weights and multiplies in fp32, the values a weight-only graph means (parity compares against
+# PyTorch with its activation quantizers off). On the AVX512/AMX machine of benchmarks/runtimes.py level 1 was
+# also the faster (deit_small W4, batch 32: MatMulNBits 953 ms at level 1, 1,095 ms at level 4), so sessions that
+# evaluate an export use it.
+ORT_MATMULNBITS_ACCURACY_LEVEL = 1
+
+
 def ort_session(model_or_path, threads: int | None = None, optimization: str = "ORT_ENABLE_ALL"):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ORT_MATMULNBITS_ACCURACY_LEVEL))
     if threads:
         opts.intra_op_num_threads = threads
     src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
@@ -125,41 +136,71 @@ def _tapped_model(onnx_model, outputs: dict[str, str]):
     return tapped
 
 
-def _forced_codes(model: nn.Module, names: set[str]):
-    """Hooks that record each activation quantizer's own codes, then hand on ORT's codes instead."""
-    own: dict[str, torch.Tensor] = {}
-    forced: dict[str, np.ndarray] = {}
+def _forced_codes(model: nn.Module, report: "ParityReport", forced: dict[str, np.ndarray]):
+    """Hooks that compare each activation quantizer's own codes with ORT's (``forced``) as the forward pass reaches
+    it, then hand on ORT's codes instead; nothing of a quantizer is kept once it has been counted."""
 
     def hook(m, inp, out, name):
-        own[name] = torch.round(out.float() / m.scale().float()).to(torch.int32)  # what the forward pass computed
-        return torch.from_numpy(forced[name]).reshape(out.shape).to(out.dtype) * m.scale().to(out.dtype)
+        theirs = torch.from_numpy(forced.pop(name)).reshape(out.shape)
+        mine = torch.round(out.float() / m.scale().float()).to(torch.int32)  # what the forward pass computed
+        d = (theirs.to(torch.int32) - mine).abs_()
+        p = report.quantizers[name]
+        p.codes += d.numel()
+        p.equal += int((d == 0).sum())
+        p.max_lsb = max(p.max_lsb, int(d.max()))
+        return theirs.to(out.dtype) * m.scale().to(out.dtype)
 
-    hooks = [q.register_forward_hook(lambda m, inp, out, name=name: hook(m, inp, out, name))
-             for name, q in quantizers(model) if name in names]
-    return own, forced, hooks
+    return [q.register_forward_hook(lambda m, inp, out, name=name: hook(m, inp, out, name))
+            for name, q in quantizers(model) if name in report.quantizers]
 
 
-def compare(model: nn.Module, onnx_path, images, batch_size: int = 250, progress: bool = True) -> ParityReport:
-    """Compare a quantized PyTorch model with its exported ONNX graph on ``images`` (a tensor [N, C, H, W])."""
+# What one image costs parity, per code that ORT hands back: the code itself (int8, all of them held until PyTorch
+# has run the image) and, for the largest quantized tensor, what is live at once while it is computed and compared
+# (ORT's float input of it, PyTorch's float output, own and ORT codes as int32, their difference, the float
+# codes handed on). Measured with benchmarks/parity_memory.py (peak resident memory against the budget).
+HELD_BYTES_PER_CODE = 1
+PEAK_BYTES_PER_CODE = 24
+DEFAULT_MEMORY_MB = 2048
+
+
+def images_per_chunk(code_sizes: list[int], memory_mb: int, batch_size: int) -> int:
+    """How many images parity runs at once: as many as ``memory_mb`` holds, given the number of codes each tapped
+    quantizer returns per image (attention probabilities grow with tokens² × heads, for every block), at least
+    one and at most ``batch_size``."""
+    if memory_mb <= 0:
+        raise QvitError(f"parity memory budget {memory_mb} MB must be positive: pass a budget in MB, e.g. 2048")
+    per_image = HELD_BYTES_PER_CODE * sum(code_sizes) + PEAK_BYTES_PER_CODE * max(code_sizes, default=0)
+    return max(1, min(batch_size, (memory_mb << 20) // max(per_image, 1)))
+
+
+def compare(model: nn.Module, onnx_path, images, batch_size: int = 250, progress: bool = True,
+            memory_mb: int = DEFAULT_MEMORY_MB) -> ParityReport:
+    """Compare a quantized PyTorch model with its exported ONNX graph on ``images`` (a tensor [N, C, H, W]), at most
+    ``batch_size`` images at a time and fewer where the codes of one image are large: ``memory_mb`` bounds what the
+    integer-code comparison holds (images_per_chunk), so a 518-pixel DINOv2 (1,374 tokens) is compared in chunks of
+    a few images instead of all at once."""
     import onnx
 
     graph = onnx.load(str(onnx_path))
     weight_only = {p.key: p.value for p in graph.metadata_props}.get("precision") == "int4-weight-only"
     with quantizers_disabled(model, weights=False) if weight_only else contextlib.nullcontext():
-        return _compare(model, graph, onnx_path, images, batch_size, progress, weight_only)
+        return _compare(model, graph, onnx_path, images, batch_size, progress, weight_only, memory_mb)
 
 
-def _compare(model, graph, onnx_path, images, batch_size, progress, weight_only) -> ParityReport:
+def _compare(model, graph, onnx_path, images, batch_size, progress, weight_only, memory_mb) -> ParityReport:
+    from .onnx_export import graph_layouts
     from .onnx_graph import quantize_outputs, weight_initializers
 
     taps = quantize_outputs(graph)
+    layouts = graph_layouts(model)
     report = ParityReport()
     named = dict(quantizers(model))
     for name, stored in weight_initializers(graph).items():
         q = named.get(name)
         layer = model.get_submodule(name.rsplit(".", 1)[0])
         expected = q.int_codes(layer.weight).numpy() if q is not None else None
-        stored = stored.T if stored.ndim == 2 else stored  # MatMul weights are stored [in, out]
+        if stored.ndim == 2 and expected is not None and stored.size == expected.size:
+            stored = stored.T.reshape(expected.shape)  # MatMul weights are stored [in, out] (a patch Conv's flattened)
         if expected is None or stored.shape != expected.shape or not np.array_equal(stored, expected):
             report.weights_identical = False
             report.weight_mismatches.append(name)
@@ -174,7 +215,13 @@ def _compare(model, graph, onnx_path, images, batch_size, progress, weight_only)
     tap_names = list(taps)
     report.quantizers = {name: QuantizerParity() for name in tap_names}
     model.eval()
-    for start in tqdm(range(0, len(images), batch_size), desc="parity", unit="batch", leave=False, disable=not progress):
+    if tapped is not None and len(images):  # one image tells how many codes each quantizer returns per image
+        probe = tapped.run([taps[n] for n in tap_names], {input_name: images[:1].numpy().astype(input_type)})
+        batch_size = images_per_chunk([c.size for c in probe], memory_mb, batch_size)
+        del probe
+    report.images_per_chunk = min(batch_size, len(images))
+    bar = tqdm(total=len(images), desc="parity", unit="img", leave=False, disable=not progress)
+    for start in range(0, len(images), batch_size):
         x = images[start:start + batch_size]
         feed = {input_name: x.numpy().astype(input_type)}
         with torch.no_grad():
@@ -186,23 +233,20 @@ def _compare(model, graph, onnx_path, images, batch_size, progress, weight_only)
         report.max_abs_logit_diff = max(report.max_abs_logit_diff, float(diff.max()))
         report.sum_abs_logit_diff += float(diff.sum())
         report.logits += diff.size
-
-        if not taps:
-            continue
-        own, forced, hooks = _forced_codes(model, set(tap_names))
-        forced.update(zip(tap_names, tapped.run([taps[n] for n in tap_names], feed), strict=True))
-        try:
-            with torch.no_grad():
-                model(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        for name in tap_names:
-            d = np.abs(forced[name].astype(np.int32) - own[name].numpy().reshape(forced[name].shape))
-            p = report.quantizers[name]
-            p.codes += d.size
-            p.equal += int((d == 0).sum())
-            p.max_lsb = max(p.max_lsb, int(d.max()))
+        del ref, got, diff
+        if taps:
+            codes = tapped.run([taps[n] for n in tap_names], feed)
+            forced = {n: layouts[n](c) if n in layouts else c for n, c in zip(tap_names, codes, strict=True)}
+            del codes
+            hooks = _forced_codes(model, report, forced)
+            try:
+                with torch.no_grad():
+                    model(x)
+            finally:
+                for h in hooks:
+                    h.remove()
+        bar.update(len(x))
+    bar.close()
     return report
 
 
@@ -239,7 +283,7 @@ def default_report_path(onnx_path) -> Path:
 def stage_export(out, model: nn.Module, images: torch.Tensor | None, options=None, metadata: dict | None = None,
                  simplify: bool = True, labels: tuple[str, str] = ("onnx", "parity report"),
                  min_top1: float = MIN_TOP1_AGREEMENT, min_codes: float = MIN_CODE_MATCH, max_lsb: int = MAX_LSB,
-                 progress: bool = True) -> ParityReport | None:
+                 progress: bool = True, memory_mb: int = DEFAULT_MEMORY_MB) -> ParityReport | None:
     """Export into the staged ONNX of an open OutputSet ``out`` and, given ``images``, prove parity and stage
     the JSON report; commits nothing. Failing parity writes the report to ``*.parity.failed.json`` and raises."""
     from .atomic import evidence_path
@@ -250,7 +294,7 @@ def stage_export(out, model: nn.Module, images: torch.Tensor | None, options=Non
     out.write(onnx_label, graph.SerializeToString())
     if images is None:
         return None
-    report = compare(model, out.stage(onnx_label), images, progress=progress)
+    report = compare(model, out.stage(onnx_label), images, progress=progress, memory_mb=memory_mb)
     report_path = out.outputs[report_label]
     failures = report.failures(min_top1, min_codes, max_lsb)
     if failures:
@@ -265,7 +309,7 @@ def stage_export(out, model: nn.Module, images: torch.Tensor | None, options=Non
 def export_with_parity(model: nn.Module, onnx_path, images: torch.Tensor, options=None, metadata: dict | None = None,
                        simplify: bool = True, report_path=None, min_top1: float = MIN_TOP1_AGREEMENT,
                        min_codes: float = MIN_CODE_MATCH, max_lsb: int = MAX_LSB,
-                       progress: bool = True) -> ParityReport:
+                       progress: bool = True, memory_mb: int = DEFAULT_MEMORY_MB) -> ParityReport:
     """Export, prove parity on ``images``, and only then put the ONNX file at ``onnx_path`` and its JSON report
     beside it (or at ``report_path``), both or neither. A failing report is written to
     ``<report>.failed.json`` and the error names it; the files already there are left as they were."""
@@ -277,6 +321,6 @@ def export_with_parity(model: nn.Module, onnx_path, images: torch.Tensor, option
     with OutputSet({"onnx": onnx_path, "parity report": report_path},
                    removes=[evidence_path(report_path)]) as out:
         report = stage_export(out, model, images, options, metadata, simplify, min_top1=min_top1,
-                              min_codes=min_codes, max_lsb=max_lsb, progress=progress)
+                              min_codes=min_codes, max_lsb=max_lsb, progress=progress, memory_mb=memory_mb)
         out.commit()
     return report

@@ -135,7 +135,7 @@ def _assert_all_int8(report, figures, label):
     figures(f"{label}: {summary_line(a)}")
     assert s["float_gemms"] == 0 and s["weight_casts"] == 0 and s["unmatched"] == 0, a["layers"]
     excused = sum(1 for e in a["layers"] if e["reason"])
-    assert s["int8_gemms"] >= len(a["layers"]) - excused  # one entry per GEMM: a split qkv has three
+    assert s["int8_gemms"] == len(a["layers"]) - excused == s["quantized_layers"] - excused
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_demo_vit_int8_plan_places_every_layer_on_int8(fmnist_exports, tmp_path,
     report = _build(path, tmp_path)
     _assert_all_int8(report, figures, "demo ViT W4A4 int8 plan")
     assert report["anatomy"]["summary"]["quantized_layers"] == 2 + 6 * DEPTH
-    assert report["anatomy"]["summary"]["int8_gemms"] == 2 + 8 * DEPTH  # each qkv as three MatMuls (ExportQKV)
+    assert report["anatomy"]["summary"]["int8_gemms"] == 2 + 6 * DEPTH  # one GEMM per layer, qkv included
     saved = json.loads((tmp_path / f"{path.stem}.build.json").read_text())
     assert saved["anatomy"]["summary"] == report["anatomy"]["summary"]
 
@@ -236,3 +236,22 @@ def test_no_listing_and_no_inspector_skips_with_the_reason(fmnist_exports):
                                   "deserialized here (no GPU)"}
     listing = (DATA / "int8.layers.txt").read_text()
     assert "summary" in engine_anatomy(graph, listing, skipped)
+
+
+def test_stream_events_parse_and_are_no_kernels():
+    """TensorRT-RTX 1.7 runs independent GEMMs on several streams and lists ``signal``/``wait`` with an EventId."""
+    listing = "\n".join([
+        "Layers:",
+        "Name: __mye1_myl0_4, LayerType: signal, Inputs: [], Constants: [], Outputs: [], TacticName: , StreamId: 0, "
+        "EventId: 1, Metadata: ",
+        "Name: fc/MatMul_myl0_5, LayerType: gemm, Inputs: [ { Name: a, Dimensions: [-1,128], Datatype: Int8 }], "
+        "Constants: [ { Name: w, Dimensions: [128,128], Datatype: Int8 }], Outputs: [ { Name: y, Dimensions: "
+        "[-1,128], Datatype: Float }], TacticName: t, StreamId: 1, Metadata: [ONNX Layer: fc/MatMul]",
+        "Name: __mye2_myl0_6, LayerType: wait, Inputs: [], Constants: [], Outputs: [], TacticName: , StreamId: 1, "
+        "EventId: 1, Metadata: "])
+    kernels = parse_layer_listing(listing)
+    assert [k.event for k in kernels] == [True, False, True]
+    op = {"layer": "fc", "node": "fc/MatMul", "op": "MatMul", "weight_dq": None, "input_dq": [],
+          "weight_dtype": "int8"}
+    anatomy = analyze(kernels, [op])
+    assert anatomy["summary"]["kernels"] == 1 and anatomy["stream_events"] == 2

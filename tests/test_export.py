@@ -15,7 +15,7 @@ from qvit_export.config import DEFAULT_IRM
 from qvit_export.lsq import LSQQuantizer
 from qvit_export.demo import DEMO_KWARGS
 from qvit_export.onnx_export import ExportOptions, export_onnx
-from qvit_export.onnx_graph import SLICES, qdq_counts, quantized_ops, weight_quantizer
+from qvit_export.onnx_graph import qdq_counts, quantized_ops
 from qvit_export.parity import compare
 
 DEPTH = DEMO_KWARGS["depth"]
@@ -23,20 +23,11 @@ BITS = [8, 4, 3, 2]
 PHOTO_MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
 
 
-def _sliced_layers(graph) -> set[str]:
-    """The layers the graph stores as column slices (an attention's qkv as q, k, v: onnx_export.ExportQKV)."""
-    return {op["layer"] for op in quantized_ops(graph) if op["part"]}
-
-
 def _counts_match_quantizers(graph, model):
-    """One QDQ pair per activation quantizer, one DequantizeLinear per weight quantizer and per extra slice; in an
-    int8 graph every attention's qkv is split."""
+    """One QDQ pair per activation quantizer, one DequantizeLinear per weight quantizer."""
     named = dict(quantizers(model))
     activations = sum(1 for q in named.values() if not q.per_channel)
-    sliced = _sliced_layers(graph)
-    if {p.key: p.value for p in graph.metadata_props}["precision"] == "int8":
-        assert sliced == {name for name, _ in model.named_modules() if name.endswith("attn.qkv")}
-    assert qdq_counts(graph) == {"QuantizeLinear": activations, "DequantizeLinear": len(named) + 2 * len(sliced)}
+    assert qdq_counts(graph) == {"QuantizeLinear": activations, "DequantizeLinear": len(named)}
 
 
 def _stored_weights_equal_forward(graph, model):
@@ -47,19 +38,17 @@ def _stored_weights_equal_forward(graph, model):
     checked = 0
     for node in graph.graph.node:
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            quantizer, part = weight_quantizer(node.name.split("/")[0])
-            layer = model.get_submodule(quantizer.rsplit(".", 1)[0])
+            layer = model.get_submodule(node.name.split("/")[0].rsplit(".", 1)[0])
             codes, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
             if codes.ndim == 2:  # [K, N]: one scale per channel, or per (block of K, channel) for INT4
                 scale = np.repeat(scale.reshape(-1, codes.shape[1]), codes.shape[0] // scale.reshape(-1, codes.shape[1]).shape[0], 0)
             stored = torch.from_numpy(codes * (scale if codes.ndim == 2 else scale.reshape(-1, 1, 1, 1)))
             with torch.no_grad():
                 expected = layer.weight_quantizer(layer.weight)
-            if part:  # a slice: its output channels of the layer's weight
-                expected = expected.chunk(3)[SLICES["qkv"].index(part)]
-            assert torch.equal(stored.T if codes.ndim == 2 else stored, expected), node.name
+            # MatMul weights are stored [K, N]; a patch embedding written as a MatMul flattens its Conv kernel
+            assert torch.equal(stored.T.reshape(expected.shape) if codes.ndim == 2 else stored, expected), node.name
             checked += 1
-    assert checked == sum(1 for _, q in quantizers(model) if q.per_channel) + 2 * len(_sliced_layers(graph))
+    assert checked == sum(1 for _, q in quantizers(model) if q.per_channel)
 
 
 def _zero_points(graph):
@@ -103,19 +92,16 @@ def test_graph_form_follows_tensorrt_rules(photo_exports):
     for n in graph.graph.node:
         if n.op_type == "DequantizeLinear":
             assert {u.op_type for u in users[n.output[0]]} <= {"MatMul", "Conv", "Gemm"}, n.name
-    # qkv: one input QDQ feeds three MatMuls, each under its own weight DQ, whose outputs are concatenated (after
-    # their bias Add: this random-init qkv's bias is zero, which onnxsim folds away)
+    # qkv: one MatMul under its input DQ and weight DQ; its output goes to the heads first (layers.split_heads):
+    # Reshape [B, N, 3·H, d] → Transpose → three Slices of H heads (after the bias Add, where the bias is not zero)
     x = nodes["blocks.0.attn.qkv.input_quantizer/DequantizeLinear"]
-    assert sorted(u.name for u in users[x.output[0]]) == [f"blocks.0.attn.qkv.{p}/MatMul" for p in "kqv"]
-    concat = set()
-    for p in "qkv":
-        weight = producers[nodes[f"blocks.0.attn.qkv.{p}/MatMul"].input[1]]
-        assert weight.name == f"blocks.0.attn.qkv.{p}.weight_quantizer/DequantizeLinear"
-        after = users[nodes[f"blocks.0.attn.qkv.{p}/MatMul"].output[0]]
-        after = users[after[0].output[0]] if after[0].op_type == "Add" else after
-        assert [u.op_type for u in after] == ["Concat"]
-        concat.add(after[0].name)
-    assert len(concat) == 1
+    assert [u.name for u in users[x.output[0]]] == ["blocks.0.attn.qkv/MatMul"]
+    after = users[nodes["blocks.0.attn.qkv/MatMul"].output[0]]
+    after = users[after[0].output[0]] if after[0].op_type == "Add" else after
+    assert [u.op_type for u in after] == ["Reshape"]
+    transpose = users[after[0].output[0]]
+    assert [u.op_type for u in transpose] == ["Transpose"]
+    assert sorted(u.op_type for u in users[transpose[0].output[0]]) == ["Slice"] * 3
     # IRM: LayerNormalization on q (over the axes of the default variant), then only per-channel affine maps and
     # the folded attention scale (Mul/Add), then q's quantizer
     node = producers[producers[nodes["blocks.0.attn.q_quantizer/QuantizeLinear"].input[0]].input[0]]

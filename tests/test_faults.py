@@ -144,8 +144,8 @@ def inputs(fmnist_w4a4_ckpt, fmnist_teacher, fmnist_calibration, photos_224, pho
     for name, value in (("zero", 0.0), ("negative", -0.01), ("inf", float("inf")), ("nan", float("nan"))):
         paths[f"step_{name}"] = _tamper(ckpt, folder / f"step_{name}.pt", "blocks.0.mlp.fc1.input_quantizer.step",
                                         value)
-    # W8A8 PTQ without IRM: exported with one qkv MatMul, as before ExportQKV, TensorRT-RTX 1.7 runs its qkv GEMMs
-    # in float (the build's anatomy catches it; case engine-step-fails)
+    # W8A8 PTQ without IRM: with q, k, v split in timm's order instead of heads first (layers.split_heads),
+    # TensorRT-RTX 1.7 runs its qkv GEMMs in float (the build's anatomy catches it; case engine-step-fails)
     w8 = calibrate(quantize(fmnist_teacher, QuantConfig(w_bits=8, a_bits=8, irm=False)), fmnist_calibration[:1],
                    progress=False)
     paths["w8a8"] = save_checkpoint(folder / "w8a8.pt", w8, extra={"dataset": "fashion-mnist"})
@@ -395,15 +395,15 @@ def _has_tensorrt() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
-def _single_qkv_matmul(monkeypatch):
-    """The export of earlier versions (one qkv MatMul), whose W8A8 no-IRM engine TensorRT-RTX 1.7 really builds with
-    float qkv GEMMs: the engine step fails on a graph whose Q/DQ pattern does not fuse."""
-    from qvit_export import onnx_export
+def _timm_order_heads(monkeypatch):
+    """q, k, v split in timm's order (layers.split_heads says why not), whose W8A8 no-IRM engine TensorRT-RTX 1.7
+    really builds with float qkv GEMMs: the engine step fails on a graph whose Q/DQ pattern does not fuse."""
+    from test_attention_heads import timm_order
 
-    monkeypatch.setattr(onnx_export, "SPLIT_QKV", False)
+    monkeypatch.setattr("qvit_export.layers.split_heads", timm_order)
 
 
-PATCHED = {"engine-step-fails": _single_qkv_matmul}  # cases whose fault needs more than their arguments
+PATCHED = {"engine-step-fails": _timm_order_heads}  # cases whose fault needs more than their arguments
 MACHINE = {"eval-engine-without-gpu": (torch.cuda.is_available(), "a CUDA GPU is here"),
            "tensorrt-missing": (_has_tensorrt(), "NVIDIA TensorRT is installed here"),
            "quantize-tensorrt-missing": (_has_tensorrt(), "NVIDIA TensorRT is installed here")}
