@@ -96,6 +96,9 @@ def load_teacher(recipe: dict) -> nn.Module:
     if spec == "pretrained":
         if not name:
             raise QvitError("teacher: pretrained needs model: a timm model name")
+        from .model_args import check_model_kwargs
+
+        kwargs = check_model_kwargs(name, kwargs, "recipe model_kwargs")
         try:
             return create_model(name, pretrained=True, **kwargs)
         except QvitError:
@@ -137,16 +140,28 @@ def read_resume(path) -> dict:
 
 
 def fp_model(recipe: dict) -> nn.Module:
-    from .timm_models import create_model
+    """The model an FP run trains: random, from a local timm weights file (checked as any file from elsewhere:
+    timm_models.build_from_state), or timm's pretrained weights; its arguments pass the family's allow-list."""
+    from .model_args import check_model_kwargs
+    from .timm_models import build_from_state, create_model
 
-    extra = {"drop_path_rate": recipe["drop_path"]} if recipe["drop_path"] else {}
+    kwargs = check_model_kwargs(recipe["model"], recipe["model_kwargs"], "recipe model_kwargs")
+    kwargs |= {"drop_path_rate": recipe["drop_path"]} if recipe["drop_path"] else {}
+    if recipe["weights"]:
+        from .checkpoint import load_state_dict_file
+        from .untrusted import check_finite
+
+        model = build_from_state(recipe["model"], kwargs, load_state_dict_file(recipe["weights"]),
+                                 f"weights {recipe['weights']}", hint="give the weights of the recipe's model (and "
+                                 "its model_kwargs)")
+        check_finite(model, f"weights {recipe['weights']}")
+        return model
     try:
-        return create_model(recipe["model"], pretrained=recipe["pretrained"], weights=recipe["weights"],
-                            **recipe["model_kwargs"], **extra)
+        return create_model(recipe["model"], pretrained=recipe["pretrained"], **kwargs)
     except QvitError:
         raise
-    except Exception as e:  # noqa: BLE001
-        raise QvitError(f"could not build {recipe['model']} ({type(e).__name__}: {e}): check model, model_kwargs, "
+    except Exception as e:  # noqa: BLE001 - the hub fails in many ways offline
+        raise QvitError(f"could not build {recipe['model']} ({type(e).__name__}: {str(e)[:160]}): check model, "
                         "pretrained and weights") from None
 
 

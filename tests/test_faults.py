@@ -323,7 +323,7 @@ CASES = [
                                                      "fashion-mnist", "--out", "{out}/q.pt"], 2, ["already quantized"]),
     ("quantize-weights-of-another-model", "qvit-quantize", ["--model", "deit_small_patch16_224", "--weights",
                                                             "{in:deit_weights}", "--bits", 8, "--calib", "photos",
-                                                            "--out", "{out}/q.pt"], 2, ["does not fit", "--model-arg"]),
+                                                            "--out", "{out}/q.pt"], 2, ["does not match", "--model-arg"]),
     ("quantize-plain-weights-without-model", "qvit-quantize", ["--weights", "{in:deit_weights}", "--bits", 8,
                                                                "--calib", "photos", "--out", "{out}/q.pt"], 2,
      ["plain weights file", "--model"]),
