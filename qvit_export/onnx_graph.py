@@ -298,7 +298,7 @@ def _metadata_value(key: str, value) -> str:
     plain_data(value, f"ONNX metadata {key!r}", max_nodes=MAX_METADATA_NODES, max_chars=MAX_METADATA_CHARS)
     try:
         text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as e:  # keys of mixed types cannot be sorted
+    except (TypeError, ValueError, RecursionError) as e:  # keys of mixed types cannot be sorted; deep nesting
         raise QvitError(f"ONNX metadata {key!r} is not JSON ({str(e)[:80]}): the checkpoint's records are "
                         "damaged") from None
     if len(text) > MAX_METADATA_CHARS:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from .errors import QvitError
 
-MAX_NODES = 4_000_000          # a year-long run's last.pt holds about 1.2M (history, per-step losses, optimizer)
+# A 300-epoch ImageNet run's last.pt holds about 1.2M nodes (3 per step in its per-step losses); walking 4M takes
+# 2 to 8 s on one core, so a shared-reference bomb costs that much before it is refused.
+MAX_NODES = 4_000_000
 MAX_STRING_CHARS = 64 << 20    # characters of all strings together, each counted where it appears
 MAX_IMAGE_BYTES = 64 << 20     # one image file; a 24-bit 4096x4096 BMP is 48 MiB
 PLAIN = (str, int, float, bool, type(None))
@@ -43,48 +45,52 @@ def plain_data(value, where: str, tensors: bool = False, max_nodes: int = MAX_NO
                max_chars: int = MAX_STRING_CHARS) -> None:
     """Refuse ``value`` unless it is JSON-like (dicts with string or integer keys, lists, tuples, strings, finite
     numbers, booleans, None; tensors too with ``tensors``) of at most ``max_nodes`` nodes and ``max_chars`` string
-    characters, counting each appearance. One line naming the entry (``where`` is the value's own name)."""
-    nodes, chars = 0, 0
-    stack = [(value, None, where)]  # (value, parent entry, key): paths are formatted only for a message
+    characters, counting each appearance. One line naming the entry (``where`` is the value's own name). The walk
+    keeps one iterator per level, so its memory follows the depth, not the size."""
+    nodes = chars = 0
+    # (the container's path as a (parent, key) chain, an iterator over its (key, child) pairs, whether a mapping)
+    stack = [(None, iter([(where, value)]), False)]
     while stack:
-        item, parent, key = stack.pop()
+        parent, children, mapping = stack[-1]
+        step = next(children, None)
+        if step is None:
+            stack.pop()
+            continue
+        key, item = step
         nodes += 1
+        if mapping:
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise QvitError(f"{_path(parent)} has a key of type {type(key).__name__}: keys must be strings or "
+                                "whole numbers; the file is damaged")
+            chars += len(key) if isinstance(key, str) else 0
+        if isinstance(item, str):
+            chars += len(item)
         if nodes > max_nodes or chars > max_chars:
             raise QvitError(f"{where} is too large (more than {max_nodes:,} entries or {max_chars >> 20} MiB of text, "
                             "counting shared references each time): the file is damaged or hostile; refused")
-        if isinstance(item, str):
-            chars += len(item)
-        elif isinstance(item, float):
-            if not math.isfinite(item):
-                raise QvitError(f"{_path(parent, key)} holds {item!r}: values must be finite numbers; the file is "
-                                "damaged")
-        elif isinstance(item, (bool, int, type(None))):
-            pass
-        elif isinstance(item, dict):
-            for k, v in item.items():
-                if not isinstance(k, (str, int)) or isinstance(k, bool):
-                    raise QvitError(f"{_path(parent, key)} has a key of type {type(k).__name__}: keys must be "
-                                    "strings or whole numbers; the file is damaged")
-                chars += len(k) if isinstance(k, str) else 0
-                stack.append((v, (parent, key), k))
+        if isinstance(item, float) and not math.isfinite(item):
+            raise QvitError(f"{_path((parent, key))} holds {item!r}: values must be finite numbers; the file is "
+                            "damaged")
+        if isinstance(item, dict):
+            stack.append(((parent, key), iter(item.items()), True))
         elif isinstance(item, (list, tuple)):
-            stack.extend((v, (parent, key), i) for i, v in enumerate(item))
+            stack.append(((parent, key), enumerate(item), False))
         elif tensors and _is_tensor(item):
-            check_tensor(item, _path(parent, key))
-        else:
-            raise QvitError(f"{_path(parent, key)} is a {type(item).__name__}: only plain data (numbers, strings, "
+            check_tensor(item, _path((parent, key)))
+        elif not isinstance(item, PLAIN):
+            raise QvitError(f"{_path((parent, key))} is a {type(item).__name__}: only plain data (numbers, strings, "
                             f"lists, mappings{', tensors' if tensors else ''}) is read from a file; refused")
 
 
-def _path(parent, key) -> str:
-    parts = []
-    while parent is not None:
-        parts.append(key)
-        parent, key = parent
-    parts.append(key)
-    text = str(parts[-1])
-    for part in reversed(parts[:-1]):
-        text += f"[{part}]" if isinstance(part, int) else f".{shown(part, 40).strip(chr(39))}"
+def _path(chain) -> str:
+    """'extra.recipe.augment[3]' from a (parent, key) chain."""
+    keys = []
+    while chain is not None:
+        chain, key = chain
+        keys.append(key)
+    text = str(keys[-1])
+    for key in reversed(keys[:-1]):
+        text += f"[{key}]" if isinstance(key, int) else f".{str(key)[:40]}"
     return text
 
 
