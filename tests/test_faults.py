@@ -1039,3 +1039,27 @@ def test_out_of_memory_is_one_line_that_says_what_to_reduce(inputs, tmp_path):
     p = child("qvit-eval", [*argv[:2], "--limit", 100, "--batch-size", 100], preexec_fn=_address_space(limit))
     stdout, stderr = finish(p, both=True)
     assert p.returncode == 0 and "top-1" in stdout, stderr[-2000:]
+
+
+def test_the_allow_list_admits_real_models(tmp_path):
+    """The shape arguments of the largest real models of each family pass (DeiT-B/384, distilled DeiT, Swin-B/384,
+    DINOv2 ViT-g with registers); a DINOv2-style checkpoint (registers, no class-token position, dynamic size)
+    saves and loads with the same logits."""
+    import timm
+
+    from qvit_export.model_args import check_model_kwargs
+    from qvit_export.timm_models import _architecture_kwargs
+
+    dinov2 = {"reg_tokens": 4, "no_embed_class": True, "init_values": 1e-5, "dynamic_img_size": True}
+    for name, more in (("deit_base_patch16_384", {}), ("deit_tiny_distilled_patch16_224", {}),
+                       ("swin_base_patch4_window12_384", {}), ("vit_giant_patch14_reg4_dinov2", dinov2)):
+        with torch.device("meta"):
+            kwargs = _architecture_kwargs(timm.create_model(name)) | more
+        assert check_model_kwargs(name, kwargs, name) == kwargs | {k: tuple(v) for k, v in kwargs.items()
+                                                                   if isinstance(v, list)}
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch14_reg4_dinov2", img_size=56, num_classes=10, dynamic_img_size=True).eval()
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "dinov2.pt", model))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
