@@ -19,6 +19,7 @@ from .irm import IRM_STEPS, fit_irm
 from .layers import QuantAttentionMixin
 from .lsq import LSQQuantizer
 from .quantize import quantizers, quantizers_disabled
+from .untrusted import MAX_IMAGE_BYTES
 
 SAMPLES_PER_BATCH = 1 << 15  # values kept per quantizer per batch for the MSE/percentile search
 MAX_SAMPLES = 1 << 19
@@ -128,7 +129,8 @@ def input_batches(model: nn.Module, data) -> list[torch.Tensor]:
 
 
 def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int = IRM_STEPS, seed: int = 0,
-              progress: bool = True, data_root=None, batch_size: int = 256) -> nn.Module:
+              progress: bool = True, data_root=None, batch_size: int = 256,
+              max_image_bytes: int = MAX_IMAGE_BYTES) -> nn.Module:
     """Initialise every quantizer step (and fit unfitted IRM norms) of a quantized model from real data.
 
     ``data``: a calibration set (a ``CalibrationSet``, a manifest path, or a shipped name such as
@@ -136,7 +138,7 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
     in ``batch_size`` batches in manifest order, and ``model.qvit_calibration`` records which set it was, which
     ``save_checkpoint`` keeps), image batches (a tensor, a list or a DataLoader of tensors or (image, label)
     pairs) or a callable ``forward_loop(model)`` that runs the model on them. ``data_root``: where a folder
-    manifest's images are, when not where it says. ``method``: 'mse' (the default unless the
+    manifest's images are, when not where it says; ``max_image_bytes``: the largest image file read from it. ``method``: 'mse' (the default unless the
     model's QuantConfig says otherwise), 'lsq' (2·mean|x|/sqrt(Qp)) or 'percentile'. ``irm_steps``: Adam steps
     that fit the IRM norms to the FP model's output (0 leaves them at gamma=1, beta=0). ``progress``: show bars.
     Returns the model, in eval mode.
@@ -151,7 +153,8 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
     record = None
     if isinstance(data, (str, os.PathLike, CalibrationSet)):
         calib_set = data if isinstance(data, CalibrationSet) else read_manifest(data)
-        data = calib_set.batches(model, batch_size, root=data_root, progress=progress)
+        data = calib_set.batches(model, batch_size, root=data_root, progress=progress,
+                                 max_image_bytes=max_image_bytes)
         record = calib_set.record()
     batches = input_batches(model, data)
     device = next(model.parameters()).device

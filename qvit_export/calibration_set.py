@@ -21,17 +21,36 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .errors import QvitError
+from .untrusted import MAX_IMAGE_BYTES, plain_data, read_inside, read_text, shown
 
 FORMAT = "qvit-calibration-set"
 VERSION = 1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 SHIPPED_DIR = "calib"  # inside the package: a link to the checkout's calib/ (copied into wheels)
+MAX_MANIFEST_BYTES = 64 << 20  # about 400,000 images; the shipped Fashion-MNIST set of 1,024 is 90 KB
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number a manifest holds")
+
+
+def _whole(value, lowest: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
+
+
+def _expect(ok, where: str, entry: str, value, what: str) -> None:
+    """One line naming the manifest entry that is not ``what`` it should be."""
+    if not ok:
+        raise QvitError(f"{where}: {entry} is {shown(value)}, not {what}: fix it or draw the set again with qvit-calib "
+                        "draw")
 
 
 def _sha256(data: bytes) -> str:
@@ -61,6 +80,7 @@ class Source:
 
     kind = ""
     has_labels = True
+    identity = str  # the type of an image's identity in a manifest
 
     def describe(self) -> dict:
         """The manifest's ``source`` entry (enough to find the images again)."""
@@ -102,12 +122,14 @@ class FashionMnistSource(Source):
 
     def __init__(self, split: str = "train"):
         if split not in ("train", "test"):
-            raise QvitError(f"Fashion-MNIST split {split!r} is unknown: choose train or test")
+            raise QvitError(f"Fashion-MNIST split {shown(split)} is unknown: choose train or test")
         self.split = split
         self._arrays = None
 
+    identity = int
+
     @classmethod
-    def from_entry(cls, entry: dict, root=None) -> "FashionMnistSource":
+    def from_entry(cls, entry: dict, root=None, max_image_bytes: int = MAX_IMAGE_BYTES) -> "FashionMnistSource":
         return cls(entry.get("split", "train"))
 
     def describe(self) -> dict:
@@ -161,7 +183,7 @@ class PhotoSource(Source):
     has_labels = False
 
     @classmethod
-    def from_entry(cls, entry: dict, root=None) -> "PhotoSource":
+    def from_entry(cls, entry: dict, root=None, max_image_bytes: int = MAX_IMAGE_BYTES) -> "PhotoSource":
         return cls()
 
     @staticmethod
@@ -203,15 +225,19 @@ class FolderSource(Source):
 
     kind = "folder"
 
-    def __init__(self, root):
+    def __init__(self, root, max_image_bytes: int = MAX_IMAGE_BYTES):
         self.root = Path(root)
+        self.max_image_bytes = max_image_bytes
 
     @classmethod
-    def from_entry(cls, entry: dict, root=None) -> "FolderSource":
+    def from_entry(cls, entry: dict, root=None, max_image_bytes: int = MAX_IMAGE_BYTES) -> "FolderSource":
         if root is None and not entry.get("root"):
             raise QvitError("this calibration set's images are in a folder it does not name: give the folder "
                             "(--calib-root / root=)")
-        return cls(root if root is not None else entry["root"])
+        if root is None and not isinstance(entry["root"], str):
+            raise QvitError(f"this calibration set's root {shown(entry['root'])} is not a folder path: give the "
+                            "folder (--calib-root / root=)")
+        return cls(root if root is not None else entry["root"], max_image_bytes)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "root": str(self.root)}
@@ -239,14 +265,12 @@ class FolderSource(Source):
         return found
 
     def read(self, ids):
+        """Each image's bytes: a regular file whose path, resolved with its symlinks, lies inside the root, at
+        most ``max_image_bytes`` (untrusted.read_inside); a path outside the root, a FIFO, a device or a file over
+        the cap is refused naming the entry, before anything of it is read."""
         for rel in ids:
-            path = self.root / rel
-            try:
-                data = path.read_bytes()
-            except OSError:
-                yield rel, None, None
-                continue
-            yield rel, _sha256(data), data
+            data = read_inside(self.root, rel, self.max_image_bytes, "image")
+            yield rel, None if data is None else _sha256(data), data
 
     def check_model(self, model) -> None:
         _pil_transform(model, f"the images of {self.root}")
@@ -271,13 +295,13 @@ class FolderSource(Source):
         return str(self.root)
 
 
-def source_from_spec(spec: str, split: str = "train") -> Source:
+def source_from_spec(spec: str, split: str = "train", max_image_bytes: int = MAX_IMAGE_BYTES) -> Source:
     """'fashion-mnist', 'photos' or an image folder."""
     if spec == "fashion-mnist":
         return FashionMnistSource(split)
     if spec == "photos":
         return PhotoSource()
-    return FolderSource(spec)
+    return FolderSource(spec, max_image_bytes)
 
 
 # ---- the manifest ------------------------------------------------------------------------------------
@@ -337,33 +361,62 @@ class CalibrationSet:
 
     @classmethod
     def from_json(cls, text: str, where: str = "calibration set") -> "CalibrationSet":
+        """The set a manifest's text describes, every entry's type checked (one line naming the first that is
+        wrong): no duplicate images, ``count`` equal to the list, identities of the source's kind."""
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as e:
             raise QvitError(f"{where} is not valid JSON (line {e.lineno}): fix it or draw it again with qvit-calib "
+                            "draw") from None
+        except (ValueError, RecursionError) as e:  # NaN/Infinity, a number of thousands of digits, deep nesting
+            raise QvitError(f"{where} is not a manifest's JSON ({str(e)[:80]}): draw it again with qvit-calib "
                             "draw") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise QvitError(f"{where} is not a calibration manifest (format {FORMAT!r}): draw one with qvit-calib draw")
         if data.get("version") != VERSION:
-            raise QvitError(f"{where} is manifest version {data.get('version')}, this qvit-export reads {VERSION}: "
-                            "draw it again with qvit-calib draw")
-        try:
-            rule = data["rule"]
-            images = tuple(ImageEntry(e["id"], e["sha256"], e.get("label")) for e in data["images"])
-            made = cls(str(data["name"]), dict(data["source"]), Rule(int(rule["images"]), int(rule["seed"]),
-                                                                        bool(rule["balanced"])), images)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise QvitError(f"{where} lacks a well-formed {e} entry: draw it again with qvit-calib draw") from None
-        if made.source.get("kind") not in SOURCES:
-            raise QvitError(f"{where} has source kind {made.source.get('kind')!r}: known kinds are "
-                            f"{', '.join(SOURCES)}")
-        if not images:
-            raise QvitError(f"{where} lists no images: draw it again with qvit-calib draw --images N")
-        return made
+            raise QvitError(f"{where} is manifest version {shown(data.get('version'))}, this qvit-export reads "
+                            f"{VERSION}: draw it again with qvit-calib draw")
+        source, rule, images = data.get("source"), data.get("rule"), data.get("images")
+        _expect(isinstance(data.get("name"), str) and 0 < len(data["name"]) <= 200, where, "name",
+                data.get("name"), "a name of 1 to 200 characters")
+        _expect(isinstance(source, dict) and isinstance(source.get("kind"), str), where, "source", source,
+                "a mapping with a kind")
+        if source["kind"] not in SOURCES:
+            raise QvitError(f"{where} has source kind {shown(source['kind'])}: known kinds are {', '.join(SOURCES)}")
+        plain_data(source, f"{where}: source", max_nodes=100)
+        _expect(isinstance(rule, dict), where, "rule", rule, "a mapping of images, seed and balanced")
+        for key, ok in (("images", _whole(rule.get("images"), 1)), ("seed", _whole(rule.get("seed"), 0)),
+                        ("balanced", isinstance(rule.get("balanced"), bool))):
+            _expect(ok, where, f"rule.{key}", rule.get(key), "a whole number" if key != "balanced" else "true or false")
+        _expect(isinstance(images, list) and images, where, "images", images, "a list of one or more images")
+        _expect(_whole(data.get("count"), 0) and data["count"] == len(images), where, "count", data.get("count"),
+                f"the number of images listed ({len(images)})")
+        kind = SOURCES[source["kind"]]
+        entries, seen = [], set()
+        for i, e in enumerate(images):
+            entry = f"images[{i}]"
+            _expect(isinstance(e, dict) and set(e) <= {"id", "sha256", "label"} and {"id", "sha256"} <= set(e),
+                    where, entry, e, "a mapping of id, sha256 and label")
+            ident = e["id"]
+            _expect(isinstance(ident, kind.identity) and not isinstance(ident, bool)
+                    and (ident >= 0 if isinstance(ident, int) else 0 < len(ident) <= 4096), where, f"{entry}.id",
+                    ident, f"{'an index' if kind.identity is int else 'a name or relative path'} of a "
+                           f"{source['kind']} image")
+            _expect(isinstance(e["sha256"], str) and _HEX64.fullmatch(e["sha256"]), where, f"{entry}.sha256",
+                    e["sha256"], "64 lowercase hexadecimal digits")
+            label = e.get("label")
+            _expect(label is None or (isinstance(label, str) and len(label) <= 200) or _whole(label, 0), where,
+                    f"{entry}.label", label, "a class index or name")
+            if ident in seen:
+                raise QvitError(f"{where}: {entry} repeats image {shown(ident)}: each image is listed once; draw the "
+                                "set again with qvit-calib draw")
+            seen.add(ident)
+            entries.append(ImageEntry(ident, e["sha256"], label))
+        return cls(data["name"], dict(source), Rule(rule["images"], rule["seed"], rule["balanced"]), tuple(entries))
 
     # ---- images ----
-    def open_source(self, root=None) -> Source:
-        return SOURCES[self.source["kind"]].from_entry(self.source, root)
+    def open_source(self, root=None, max_image_bytes: int = MAX_IMAGE_BYTES) -> Source:
+        return SOURCES[self.source["kind"]].from_entry(self.source, root, max_image_bytes)
 
     def _read(self, source: Source, progress: bool) -> list:
         """Every image as (identity, image), after checking each against the manifest; one line naming the
@@ -376,9 +429,9 @@ class CalibrationSet:
         for ident, digest, image in tqdm(reader, total=len(self.images), desc=f"read {self.name}", unit="img",
                                          leave=False, disable=not progress):
             if digest is None:
-                problems.append(f"{ident} missing")
+                problems.append(f"{str(ident)[:200]} missing")
             elif digest != expected[ident]:
-                problems.append(f"{ident} changed")
+                problems.append(f"{str(ident)[:200]} changed")
             else:
                 found.append((ident, image))
         if problems:
@@ -388,18 +441,19 @@ class CalibrationSet:
                             f"changed{where} ({shown}): restore them, or draw the set again with qvit-calib draw")
         return found
 
-    def verify(self, root=None, progress: bool = False) -> None:
+    def verify(self, root=None, progress: bool = False, max_image_bytes: int = MAX_IMAGE_BYTES) -> None:
         """Raise, naming them, when any listed image is missing or its content changed."""
-        self._read(self.open_source(root), progress)
+        self._read(self.open_source(root, max_image_bytes), progress)
 
-    def load(self, model, root=None, progress: bool = True):
+    def load(self, model, root=None, progress: bool = True, max_image_bytes: int = MAX_IMAGE_BYTES):
         """The images as the model's input [N, C, H, W], after checking every one against the manifest."""
-        source = self.open_source(root)
+        source = self.open_source(root, max_image_bytes)
         source.check_model(model)  # before any image is read
         return source.preprocess(self._read(source, progress), model)
 
-    def batches(self, model, batch_size: int = 256, root=None, progress: bool = True) -> list:
-        x = self.load(model, root, progress)
+    def batches(self, model, batch_size: int = 256, root=None, progress: bool = True,
+                max_image_bytes: int = MAX_IMAGE_BYTES) -> list:
+        x = self.load(model, root, progress, max_image_bytes)
         return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
 
     def dataset_hint(self, root=None) -> str | None:
@@ -467,11 +521,7 @@ def read_manifest(spec) -> CalibrationSet:
     if not path.is_file():
         raise QvitError(f"calibration set {spec} not found: give a manifest file (qvit-calib draw writes one) or a "
                         f"shipped name ({', '.join(shipped_names()) or 'none installed'})")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise QvitError(f"cannot read calibration set {path} ({type(e).__name__}): check the file") from None
-    return CalibrationSet.from_json(text, str(path))
+    return CalibrationSet.from_json(read_text(path, MAX_MANIFEST_BYTES, "calibration set"), str(path))
 
 
 def is_manifest_spec(spec) -> bool:

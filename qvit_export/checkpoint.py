@@ -17,6 +17,7 @@ from torch import nn
 from .atomic import atomic_path
 from .config import QuantConfig
 from .errors import QvitError
+from .untrusted import check_finite, check_tensor, check_zip, plain_data, shown
 
 FORMAT = "qvit-export-checkpoint"
 VERSION = 1
@@ -59,6 +60,7 @@ def _torch_load(path: Path):
     """torch.load with weights_only=True, every failure turned into one line that says what to do."""
     if not path.is_file():
         raise QvitError(f"checkpoint not found: {path}")
+    check_zip(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -68,9 +70,30 @@ def _torch_load(path: Path):
                             "state dict or with qvit_export.save_checkpoint") from None
         raise QvitError(f"{path} is truncated or not a PyTorch file (unpickling failed): write the checkpoint "
                         "again") from None
+    except MemoryError:
+        raise
     except Exception as e:  # noqa: BLE001 - damaged files fail in many ways (zip, pickle opcodes, storage sizes)
         raise QvitError(f"{path} is truncated or not a PyTorch file ({type(e).__name__}): write the checkpoint "
                         "again") from None
+
+
+MAX_EXTRA_STATE_NODES = 64  # a quantizer's or IRM norm's extra state: a few flags and a bit width
+
+
+def _check_state(state, path) -> dict:
+    """A state dict read from a file: string keys, each value a plain tensor (untrusted.check_tensor) or, under
+    an ``_extra_state`` key, a few plain values."""
+    for key, value in state.items():
+        if not isinstance(key, str) or len(key) > 1000:
+            raise QvitError(f"{path} has a state dict key {shown(key)}: keys are parameter names; the file is damaged")
+        if torch.is_tensor(value):
+            check_tensor(value, f"{path}: {key}")
+        elif key.rsplit(".", 1)[-1] == "_extra_state":
+            plain_data(value, f"{path}: {key}", max_nodes=MAX_EXTRA_STATE_NODES)
+        else:
+            raise QvitError(f"{path}: {key} is a {type(value).__name__}, not a tensor: pass a timm weights file or a "
+                            "checkpoint of ours")
+    return state
 
 
 def _state_dict_of(obj, path: Path) -> dict:
@@ -81,7 +104,7 @@ def _state_dict_of(obj, path: Path) -> dict:
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise QvitError(f"{path} holds no state dict of tensors: pass a timm weights file")
-    return obj
+    return _check_state(obj, path)
 
 
 def load_state_dict_file(path) -> dict:
@@ -91,24 +114,33 @@ def load_state_dict_file(path) -> dict:
 
 
 def _checked(ckpt, path: Path) -> dict:
+    """The checkpoint, its structure checked: everything but the model's arguments (model_args, when the model is
+    built) is plain data of bounded size, read before any of it is formatted or written anywhere."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise QvitError(f"{path} is not a qvit-export checkpoint (a bare state dict?): load timm weights with "
                         "qvit_export.create_model(name, weights=...) instead")
     if ckpt.get("version") != VERSION:
-        raise QvitError(f"{path} is checkpoint format version {ckpt.get('version')}, this qvit-export reads "
+        raise QvitError(f"{path} is checkpoint format version {shown(ckpt.get('version'))}, this qvit-export reads "
                         f"version {VERSION}: use the qvit-export release that wrote it")
     model, quant, state = ckpt.get("model"), ckpt.get("quant", ...), ckpt.get("state_dict")
     well_formed = (isinstance(model, dict) and isinstance(model.get("name"), str)
                    and isinstance(model.get("kwargs"), dict) and (quant is None or isinstance(quant, dict))
-                   and isinstance(state, dict))
+                   and isinstance(state, dict) and isinstance(ckpt.get("metrics", {}), dict)
+                   and isinstance(ckpt.get("extra", {}), dict))
     if not well_formed:
         raise QvitError(f"{path} lacks a well-formed model name, kwargs, quant config or state dict: the file is "
                         "damaged, write it again")
+    ckpt = dict(ckpt, metrics=ckpt.get("metrics", {}), extra=ckpt.get("extra", {}))
+    plain_data(ckpt["quant"], f"{path}: quant", max_nodes=1000)
+    plain_data(ckpt["metrics"], f"{path}: metrics")
+    plain_data(ckpt["extra"], f"{path}: extra", tensors=True)  # a run's last.pt keeps its optimizer state there
+    _check_state(state, path)
     return ckpt
 
 
 def read_checkpoint(path) -> dict:
-    """The checkpoint's contents, checked to be a qvit-export checkpoint of a version we read."""
+    """The contents of a qvit-export checkpoint of a version we read, checked to be plain data (the state dict
+    plain tensors, metrics and extra data bounded in size); the model's arguments are checked when it is built."""
     path = Path(path)
     return _checked(_torch_load(path), path)
 
@@ -116,28 +148,22 @@ def read_checkpoint(path) -> dict:
 def model_from_checkpoint(ckpt: dict, path) -> nn.Module:
     """Rebuild the model a checkpoint read by ``read_checkpoint`` describes and load its weights; eval mode.
 
-    The checkpoint's metrics and extra data are on ``model.qvit_checkpoint``.
+    The model is built through timm_models.build_from_state: its arguments pass the family's allow-list and the
+    state dict is compared with a meta-device build before anything is allocated. A quantizer step that is not a
+    positive finite number, or any parameter or buffer holding NaN or inf, is refused naming the tensor. The
+    checkpoint's metrics and extra data are on ``model.qvit_checkpoint``.
     """
-    from .quantize import quantize
-    from .timm_models import create_model
+    from .timm_models import build_from_state
 
-    model = create_model(ckpt["model"]["name"], **ckpt["model"]["kwargs"])
+    cfg = None
     if ckpt["quant"] is not None:
-        model = quantize(model, QuantConfig.from_dict(ckpt["quant"]), inplace=True)
-    # Compare keys ourselves: quantizers tolerate absent entries (for timm FP weights), a checkpoint must not.
-    expected, stored = set(model.state_dict()), set(ckpt["state_dict"])
-    if expected != stored:
-        raise QvitError(f"{path} does not match {ckpt['model']['name']}: missing {sorted(expected - stored)[:3]}, "
-                        f"unexpected {sorted(stored - expected)[:3]}: the file was written for another model")
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-        raise QvitError(f"{path} does not match {ckpt['model']['name']}: {detail}") from None
-    if ckpt["quant"] is not None:
+        cfg = QuantConfig.from_dict(ckpt["quant"])
+    model = build_from_state(ckpt["model"]["name"], ckpt["model"]["kwargs"], ckpt["state_dict"], str(path), cfg)
+    if cfg is not None:
         from .quantize import check_steps
 
         check_steps(model, str(path))
+    check_finite(model, str(path))
     model.qvit_checkpoint = {k: ckpt[k] for k in ("metrics", "extra")} | {"path": str(path)}
     model.qvit_calibration = ckpt["extra"].get("calibration")
     return model.eval()
@@ -158,10 +184,12 @@ def read_weights_file(path) -> tuple[dict | None, dict]:
     return None, _state_dict_of(obj, path)
 
 
-def load_model_file(path, name: str | None = None, kwargs: dict | None = None) -> nn.Module:
+def load_model_file(path, name: str | None = None, kwargs: dict | None = None,
+                    where: str = "model_kwargs") -> nn.Module:
     """A model from one read of ``path``: our checkpoint (it names its model), or a timm weights file for the
-    timm model ``name`` built with ``kwargs``."""
-    from .timm_models import create_model
+    timm model ``name`` built with ``kwargs`` (from a recipe: checked by timm_models.build_from_state; ``where``
+    names them in messages)."""
+    from .timm_models import build_from_state
 
     path = Path(path)
     ckpt, state = read_weights_file(path)
@@ -169,9 +197,7 @@ def load_model_file(path, name: str | None = None, kwargs: dict | None = None) -
         return model_from_checkpoint(ckpt, path)
     if not name:
         raise QvitError(f"{path} is a plain weights file: say which timm model it belongs to")
-    model = create_model(name, **(kwargs or {}))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise QvitError(f"{path} does not fit {name}: {str(e).splitlines()[0]}") from None
+    model = build_from_state(name, kwargs or {}, state, f"{path} ({where})", hint=f"give the {where} of the model "
+                             "these weights belong to")
+    check_finite(model, str(path))
     return model

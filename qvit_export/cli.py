@@ -4,6 +4,7 @@ and works without torch."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -30,12 +31,37 @@ def _run(main, argv) -> int:
     except QvitError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except (MemoryError, RecursionError, RuntimeError, OSError) as e:
+        what = _resource_error(e)
+        if what is None:
+            raise
+        print(f"error: {what}", file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, interrupts.Terminated) as e:
         what = "interrupted (SIGINT)" if isinstance(e, KeyboardInterrupt) else "terminated (SIGTERM)"
         done = (f"after writing {', '.join(map(str, COMMITTED))}" if COMMITTED
                 else "files being written were discarded, earlier ones left as they were")
         print(f"{what}: stopped; {done}", file=sys.stderr)
         return interrupts.EXIT_CODES[signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM]
+
+
+# How the libraries report running out of memory: Python and numpy raise MemoryError; torch's CPU allocator a
+# RuntimeError ("DefaultCPUAllocator: can't allocate memory"); ONNX Runtime and C++ code "bad_alloc"; the kernel
+# ENOMEM (mmap, fork of a loader worker).
+_OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc", "bad allocation")
+
+
+def _resource_error(e: BaseException) -> str | None:
+    """The one line for an error that is the machine's limits, not a bug (None for any other error): what to
+    reduce."""
+    text = str(e).lower()
+    if isinstance(e, MemoryError) or (isinstance(e, OSError) and e.errno == errno.ENOMEM) \
+            or (isinstance(e, RuntimeError) and any(marker in text for marker in _OUT_OF_MEMORY)):
+        return ("out of memory: reduce what one step holds (--parity-images, --batch-size, --calib-images, the "
+                "model's image size) or the input's size, or run where there is more memory")
+    if isinstance(e, RecursionError):
+        return "an input is nested too deeply to be read (maximum recursion depth): the file is damaged or hostile"
+    return None
 
 
 def _one_line(message: str) -> str:
@@ -90,6 +116,16 @@ def _compute_capability(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r}: give a compute capability such as sm89 (the TensorRT-RTX "
                                          "library decides which it can target)")
     return text.lower()
+
+
+def _add_image_limit(group) -> None:
+    """--max-image-mb: the largest image file a command reads from a folder (untrusted.MAX_IMAGE_BYTES)."""
+    group.add_argument("--max-image-mb", type=_int_in(1, 4096), default=64,
+                       help="the largest image file read from a folder, in MiB (default 64); a larger one is refused")
+
+
+def _image_bytes(args) -> int:
+    return args.max_image_mb << 20
 
 
 class _Parser(argparse.ArgumentParser):
@@ -153,6 +189,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", help="ONNX output (default: next to --engine, else next to the checkpoint)")
     p.add_argument("--engine", help="TensorRT plan to build (needs TensorRT or TensorRT-RTX)")
     _add_export_options(p)
+    _add_image_limit(p)
     return p
 
 
@@ -231,7 +268,8 @@ def _export_staged(out, args, outputs: dict, model, metadata: dict, dataset_hint
     if not args.no_parity:
         from .data import parity_images
 
-        images, what = parity_images(args.parity_data, model, args.parity_images, dataset_hint, flag="--parity-data")
+        images, what = parity_images(args.parity_data, model, args.parity_images, dataset_hint, flag="--parity-data",
+                                     max_image_bytes=_image_bytes(args))
     from .parity import stage_export
 
     # FP16 rounding moves values across code boundaries, which changes predictions near ties (measured on
@@ -348,6 +386,7 @@ def quantize_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=_int_in(0), default=0, help="seed of the draw and of calibration (default 0)")
     c.add_argument("--calib-root", help="where a folder manifest's images are (default: the root it names)")
     c.add_argument("--batch-size", type=_int_in(1), default=256, help="calibration batch size (default 256)")
+    _add_image_limit(c)
     p.add_argument("--out", required=True, help="the calibrated checkpoint to write (what qvit-export --ckpt takes)")
     p.add_argument("--onnx", help="also export the ONNX here (with parity), as qvit-export would")
     p.add_argument("--engine", help="also build a TensorRT plan here (implies the ONNX, next to it by default)")
@@ -404,7 +443,7 @@ def quantize_main(argv=None) -> int:
             args.model, weights=args.weights, pretrained=args.pretrained, model_kwargs=_model_args(args.model_arg),
             w_bits=w_bits, a_bits=a_bits, irm=args.irm, method=args.method, irm_steps=args.irm_steps,
             calib=args.calib, calib_images=args.calib_images, seed=args.seed, calib_root=args.calib_root,
-            batch_size=args.batch_size)
+            batch_size=args.batch_size, max_image_bytes=_image_bytes(args))
         from .checkpoint import save_checkpoint
 
         extra = {"dataset": hint, "ptq": {"method": args.method, "irm_steps": args.irm_steps if args.irm else 0,
@@ -444,9 +483,11 @@ def calib_parser() -> argparse.ArgumentParser:
     d.add_argument("--balanced", action="store_true", help="the same number of images from every class")
     d.add_argument("--name", help="the set's name (default: <source>-<images>-seed<seed>)")
     d.add_argument("--out", required=True, help="manifest file to write (.json)")
+    _add_image_limit(d)
     v = sub.add_parser("verify", help="check every image of a manifest against the data on disk")
     v.add_argument("manifest", help="a manifest file or a shipped name")
     v.add_argument("--root", help="the image folder, for a folder manifest (default: the root it names)")
+    _add_image_limit(v)
     s = sub.add_parser("show", help="summarise a manifest: source, rule, classes, hash")
     s.add_argument("manifest", help="a manifest file or a shipped name")
     sub.add_parser("list", help="the manifests shipped with qvit-export")
@@ -470,13 +511,14 @@ def calib_main(argv=None) -> int:
         if not args.out.endswith(".json"):
             raise QvitError(f"--out {args.out}: a manifest is a .json file; name it so")
         check_paths({"--out": Path(args.out)}, {})
-        made = cs.draw(cs.source_from_spec(args.source, args.split), args.images, args.seed, args.balanced, args.name)
+        made = cs.draw(cs.source_from_spec(args.source, args.split, _image_bytes(args)), args.images, args.seed,
+                       args.balanced, args.name)
         write_text(args.out, made.to_json())
         print(f"wrote {args.out}: {made.name}, {len(made.images)} images, sha256 {made.sha256}")
         return 0
     made = cs.read_manifest(args.manifest)
     if args.command == "verify":
-        made.verify(args.root, progress=True)
+        made.verify(args.root, progress=True, max_image_bytes=_image_bytes(args))
         print(f"{made.name}: all {len(made.images)} images present and unchanged (sha256 {made.sha256})")
         return 0
     from collections import Counter
@@ -505,6 +547,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     p.add_argument("--resume", help="a run's last.pt: continue that run exactly where it stopped")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="allow the download of timm's pretrained weights that the recipe asks for (teacher: "
+                        "pretrained, or pretrained: true); without it such a recipe is refused")
     p.add_argument("--print-recipe", action="store_true",
                    help="print the resolved recipe (defaults, the file and what it extends, overrides) and exit")
     return p
@@ -512,7 +557,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
-    from .recipe import load_recipe, parse_override, validate, with_defaults
+    from .recipe import hub_download, load_recipe, parse_override, validate, with_defaults
 
     overrides = dict(parse_override(text) for text in args.set)
     overrides |= {key: getattr(args, key) for key, _ in _SHORTCUTS if getattr(args, key) is not None}
@@ -533,6 +578,9 @@ def train_main(argv=None) -> int:
         if (out / "last.pt").exists() and not args.print_recipe:
             raise QvitError(f"{out} already holds a run: continue it with --resume {out / 'last.pt'}, or choose "
                             "another --out")
+    if hub_download(recipe) and not args.pretrained and not args.print_recipe:
+        raise QvitError(f"the recipe asks for timm's pretrained download ({hub_download(recipe)}), a network "
+                        "connection: add --pretrained to allow it, or give a local weights file instead")
     if args.print_recipe:
         from .recipe import to_yaml
 
@@ -604,7 +652,7 @@ def report_main(argv=None) -> int:
     if args.json:
         from .atomic import write_text
 
-        write_text(args.json, json.dumps(result.to_dict(), indent=2))
+        write_text(args.json, json.dumps(result.to_dict(), indent=2, allow_nan=False))
     return 0
 
 
@@ -623,6 +671,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_int_in(1), default=250, help="images per batch (default 250)")
     p.add_argument("--limit", type=_int_in(1), help="evaluate only the first N images")
     p.add_argument("--json", help="also write the metrics here")
+    _add_image_limit(p)
     return p
 
 
@@ -645,7 +694,7 @@ def eval_main(argv=None) -> int:
 
         check_paths({"--json": args.json}, {"--ckpt": args.ckpt, "--onnx": args.onnx, "--engine": args.engine,
                                             "--model-ckpt": args.model_ckpt})
-    dataset = evaluation_dataset(args.data, reference)
+    dataset = evaluation_dataset(args.data, reference, max_image_bytes=_image_bytes(args))
     if args.limit:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))
     loader = DataLoader(dataset, batch_size=args.batch_size)
@@ -667,7 +716,10 @@ def eval_main(argv=None) -> int:
     if args.json:
         from .atomic import write_text
 
-        write_text(args.json, json.dumps(metrics, indent=2))
+        if not math.isfinite(metrics["loss"]):
+            raise QvitError(f"{source} gives a loss of {metrics['loss']} (NaN or infinite logits): the model is "
+                            f"broken; {args.json} was not written")
+        write_text(args.json, json.dumps(metrics, indent=2, allow_nan=False))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from .errors import QvitError
+from .untrusted import shown
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CALIBRATION_METHODS = ("mse", "lsq", "percentile")
@@ -21,7 +22,7 @@ SAVED_TRUE_IRM = "token"
 
 def check_bits(name: str, bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise QvitError(f"{name}={bits!r} is not supported: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+        raise QvitError(f"{name}={shown(bits)} is not supported: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
     return bits
 
 
@@ -47,19 +48,19 @@ class QuantConfig:
         if self.irm is True:
             object.__setattr__(self, "irm", DEFAULT_IRM)
         elif self.irm is not False and self.irm not in IRM_VARIANTS:
-            raise QvitError(f"irm={self.irm!r} is unknown: choose false, true ({DEFAULT_IRM}) or one of "
+            raise QvitError(f"irm={shown(self.irm)} is unknown: choose false, true ({DEFAULT_IRM}) or one of "
                             f"{', '.join(IRM_VARIANTS)}")
         if self.calibration not in CALIBRATION_METHODS:
-            raise QvitError(f"calibration={self.calibration!r} is unknown: choose one of {', '.join(CALIBRATION_METHODS)}")
+            raise QvitError(f"calibration={shown(self.calibration)} is unknown: choose one of {', '.join(CALIBRATION_METHODS)}")
         # A list from YAML or JSON is accepted (one name as a string too); a tuple keeps the config hashable.
         keep = (self.keep_8bit,) if isinstance(self.keep_8bit, str) else self.keep_8bit
         try:
             keep = tuple(keep)
         except TypeError:
-            raise QvitError(f"keep_8bit={self.keep_8bit!r} must be a list of module names such as "
+            raise QvitError(f"keep_8bit={shown(self.keep_8bit)} must be a list of module names such as "
                             "['patch_embed', 'head']") from None
         if not all(isinstance(k, str) and k for k in keep):
-            raise QvitError(f"keep_8bit={self.keep_8bit!r} must be a list of module names such as "
+            raise QvitError(f"keep_8bit={shown(self.keep_8bit)} must be a list of module names such as "
                             "['patch_embed', 'head']")
         object.__setattr__(self, "keep_8bit", keep)
 
@@ -79,9 +80,10 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = [k for k in d if k not in known]
         if unknown:
-            raise QvitError(f"unknown QuantConfig keys {unknown}: known keys are {sorted(known)}")
+            raise QvitError(f"unknown QuantConfig keys {', '.join(shown(k) for k in unknown[:3])}: known keys are "
+                            f"{sorted(known)}")
         if d.get("irm") is True:  # saved before the variants existed, when IRM was the paper's alone
             d = d | {"irm": SAVED_TRUE_IRM}
         return cls(**d)

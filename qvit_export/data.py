@@ -3,6 +3,7 @@ eval transform for a given model."""
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .errors import QvitError
+from .untrusted import MAX_IMAGE_BYTES, check_folder_links, read_inside
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts it
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
@@ -122,10 +124,14 @@ def photo_tensor(arrays: list, model) -> torch.Tensor:
 
 class FolderImages(torch.utils.data.Dataset):
     """Labelled images of one folder of class sub-folders (listed by timm's folder reader), read with PIL in
-    ``mode``; a file that is not a readable image is named in a one-line error, never skipped."""
+    ``mode``; a file that is not a readable image is named in a one-line error, never skipped. Each file is read
+    as untrusted.read_inside reads it: resolved with its symlinks inside ``root``, a regular file, at most
+    ``max_image_bytes`` (timm's reader follows links to folders, so a link could lead anywhere)."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform, mode: str = "RGB"):
+    def __init__(self, samples: list[tuple[str, int]], transform, mode: str = "RGB", root=None,
+                 max_image_bytes: int = MAX_IMAGE_BYTES):
         self.samples, self.transform, self.mode = samples, transform, mode
+        self.root, self.max_image_bytes = Path(root) if root is not None else None, max_image_bytes
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -134,8 +140,12 @@ class FolderImages(torch.utils.data.Dataset):
         from PIL import Image, UnidentifiedImageError
 
         path, target = self.samples[index]
+        root = self.root if self.root is not None else Path(path).parent
+        data = read_inside(root, os.path.relpath(path, root), self.max_image_bytes, "image")
+        if data is None:
+            raise QvitError(f"image {path} is gone: was the folder changed during the run?")
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 image = image.convert(self.mode)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
             raise QvitError(f"cannot read image {path} ({str(e).splitlines()[0][:120] or type(e).__name__}): "
@@ -143,17 +153,19 @@ class FolderImages(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform is not None else image), target
 
 
-def folder_dataset(folder: Path, transform, mode: str = "RGB") -> FolderImages:
+def folder_dataset(folder: Path, transform, mode: str = "RGB",
+                   max_image_bytes: int = MAX_IMAGE_BYTES) -> FolderImages:
     """The images of one folder of class sub-folders, with ``transform``; empty or missing is an error."""
     from timm.data.readers.reader_image_folder import ReaderImageFolder
 
+    check_folder_links(Path(folder), "image folder")
     try:
         samples = ReaderImageFolder(str(folder)).samples
     except (RuntimeError, OSError):  # timm refuses a folder without images
         samples = []
     if len(samples) == 0:
         raise QvitError(f"no images in {folder}: put one sub-folder of images per class there")
-    return FolderImages(samples, transform, mode)
+    return FolderImages(samples, transform, mode, folder, max_image_bytes)
 
 
 def image_mode(model) -> str:
@@ -166,27 +178,28 @@ def image_mode(model) -> str:
     return "L" if channels == 1 else "RGB"
 
 
-def image_folder(root, model, flag: str = "--data"):
+def image_folder(root, model, flag: str = "--data", max_image_bytes: int = MAX_IMAGE_BYTES):
     """An ImageNet-layout folder (class sub-folders, or train/ and val/ splits) through timm's eval transform."""
     root = Path(root)
     if not root.is_dir():
         raise QvitError(f"image folder {flag} {root} not found: give a folder of class sub-folders of images")
     split = next((s for s in ("val", "validation", "test") if (root / s).is_dir()), "")
-    return folder_dataset(root / split, eval_transform(model, f"the images of {flag} {root}"), image_mode(model))
+    return folder_dataset(root / split, eval_transform(model, f"the images of {flag} {root}"), image_mode(model),
+                          max_image_bytes)
 
 
-def evaluation_dataset(spec: str, model, flag: str = "--data"):
+def evaluation_dataset(spec: str, model, flag: str = "--data", max_image_bytes: int = MAX_IMAGE_BYTES):
     """'fashion-mnist' (the test split) or an image folder: labelled data for evaluation and parity. ``flag``
     is the option that named it, for the messages."""
     if spec == "fashion-mnist":
         if model is not None and model.patch_embed.proj.in_channels != 1:
             raise QvitError(f"Fashion-MNIST images are grey but this model takes RGB: pass an image folder as {flag}")
         return fashion_mnist("test")
-    return image_folder(spec, model, flag)
+    return image_folder(spec, model, flag, max_image_bytes)
 
 
 def parity_images(spec: str, model, limit: int, dataset_hint: str | None = None,
-                  flag: str = "--parity-data") -> tuple[torch.Tensor, str]:
+                  flag: str = "--parity-data", max_image_bytes: int = MAX_IMAGE_BYTES) -> tuple[torch.Tensor, str]:
     """Images to prove parity on, and what they are. 'auto' takes the checkpoint's own dataset when it is
     available (``dataset_hint``), else scikit-image's photographs."""
     if spec == "auto":  # the checkpoint's dataset; the built-in grey one for a 1x28x28 model; else photographs
@@ -197,6 +210,6 @@ def parity_images(spec: str, model, limit: int, dataset_hint: str | None = None,
                         "fashion-mnist or an image folder")
     if spec == "photos":
         return photo_batch(model)[:limit], f"{min(limit, len(PHOTOS))} scikit-image photographs"
-    dataset = evaluation_dataset(spec, model, flag)
+    dataset = evaluation_dataset(spec, model, flag, max_image_bytes)
     n = min(limit, len(dataset))
     return torch.stack([dataset[i][0] for i in range(n)]), f"{n} images of {spec}"

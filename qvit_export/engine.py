@@ -262,7 +262,7 @@ def check_float_gemms(report: dict, report_path, allow_float_gemms: bool) -> Non
     floats = float_gemm_layers(report["anatomy"]) if "summary" in report["anatomy"] else []
     if floats and not allow_float_gemms:
         evidence = evidence_path(report_path)
-        write_text(evidence, json.dumps(report, indent=2, sort_keys=True))
+        write_text(evidence, json.dumps(report, indent=2, sort_keys=True, allow_nan=False))
         layers = list(dict.fromkeys(e["layer"] for e in floats))  # a qkv layer's three slices: named once
         names = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
         raise QvitError(f"TensorRT runs quantized layer(s) {names} as float GEMMs ({floats[0]['kernel']}: inputs "
@@ -309,7 +309,7 @@ def write_engine(out, onnx_path, labels: tuple[str, str, str], onnx_name=None, a
                                            onnx_name=onnx_name, **build)
     check_float_gemms(report, report_path, allow_float_gemms)
     report["report"] = str(report_path)
-    out.write(report_label, json.dumps(report, indent=2, sort_keys=True).encode())
+    out.write(report_label, json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode())
     out.write(plan_label, plan)
     if cache_label in out.outputs:
         out.write(cache_label, cache_bytes)

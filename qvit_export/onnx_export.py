@@ -483,9 +483,12 @@ def export_onnx(model: nn.Module, path, options: ExportOptions = ExportOptions()
 
 def onnx_model(model: nn.Module, options: ExportOptions = ExportOptions(), metadata: dict | None = None,
                simplify: bool = True):
-    """The QDQ ONNX of a calibrated or trained quantized model, as an in-memory ModelProto (export_onnx)."""
+    """The QDQ ONNX of a calibrated or trained quantized model, as an in-memory ModelProto (export_onnx). A model
+    with a NaN or infinite parameter or buffer is refused, naming the tensor."""
     from . import onnx_graph
+    from .untrusted import check_finite
 
+    check_finite(model, "the model to export")
     opset = options.resolved_opset()
     int4, int8_kept = int4_layers(model, options.int4_block) if options.int4 else ([], {})
     twin = export_twin(model, options, int4)

@@ -249,6 +249,28 @@ def _bypass_noop_pads(model) -> None:
         model.graph.node.remove(node)
 
 
+# ONNX metadata values come partly from the checkpoint (its recipe, metrics, calibration record): each is checked
+# to be plain, finite data of bounded size before it is written (the largest we write, a training run's recipe, is
+# about 2 KB).
+MAX_METADATA_NODES = 10_000
+MAX_METADATA_CHARS = 256 << 10
+
+
+def _metadata_value(key: str, value) -> str:
+    from .untrusted import plain_data
+
+    plain_data(value, f"ONNX metadata {key!r}", max_nodes=MAX_METADATA_NODES, max_chars=MAX_METADATA_CHARS)
+    try:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:  # keys of mixed types cannot be sorted; deep nesting
+        raise QvitError(f"ONNX metadata {key!r} is not JSON ({str(e)[:80]}): the checkpoint's records are "
+                        "damaged") from None
+    if len(text) > MAX_METADATA_CHARS:
+        raise QvitError(f"ONNX metadata {key!r} would be {len(text):,} characters, more than {MAX_METADATA_CHARS:,}: "
+                        "the checkpoint's records are too large")
+    return text
+
+
 def finalize(model, torch_model, options, opset: int, metadata: dict, int4: list[str] = ()):
     """Apply the precision (``int4``: the layers whose weights become INT4 blocks), set opset and metadata, and
     check the result (nodes were named by prepare)."""
@@ -268,7 +290,7 @@ def finalize(model, torch_model, options, opset: int, metadata: dict, int4: list
         node.doc_string = ""
     props = {"qvit_export_version": __version__, "precision": options.precision, "dtype": options.dtype,
              "opset": str(opset), "quant_config": json.dumps(cfg.to_dict() if cfg else None, sort_keys=True)}
-    props |= {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
+    props |= {str(k): _metadata_value(str(k), v) for k, v in metadata.items()}
     del model.metadata_props[:]
     for key in sorted(props):
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=props[key]))

@@ -40,6 +40,7 @@ class QuantizerParity:
     codes: int = 0
     equal: int = 0
     max_lsb: int = 0
+    nonfinite: int = 0  # PyTorch values (before rounding) that were NaN or inf: no code at all
 
     @property
     def match_percent(self) -> float:
@@ -56,6 +57,7 @@ class ParityReport:
     quantizers: dict[str, QuantizerParity] = field(default_factory=dict)
     weights_identical: bool = True
     weight_mismatches: list[str] = field(default_factory=list)
+    nonfinite_logits: int = 0  # NaN or inf on either side; such an image never counts as agreeing
     images_per_chunk: int = 0  # how many images were compared at once (images_per_chunk)
 
     @property
@@ -68,10 +70,14 @@ class ParityReport:
 
     def failures(self, min_top1=MIN_TOP1_AGREEMENT, min_codes=MIN_CODE_MATCH, max_lsb=MAX_LSB) -> list[str]:
         out = []
+        if self.nonfinite_logits:
+            out.append(f"{self.nonfinite_logits} logits are NaN or infinite")
         if self.top1_agreement < min_top1:
             out.append(f"top-1 agreement {self.top1_agreement:.3f}% < {min_top1}%")
         for name, q in self.quantizers.items():
-            if q.match_percent < min_codes or q.max_lsb > max_lsb:
+            if q.nonfinite:
+                out.append(f"{name}: {q.nonfinite} values NaN or infinite")
+            elif q.match_percent < min_codes or q.max_lsb > max_lsb:
                 out.append(f"{name}: {q.match_percent:.3f}% codes equal, max {q.max_lsb} LSB")
         if not self.weights_identical:
             out.append(f"stored weight codes differ from PyTorch in {', '.join(self.weight_mismatches[:3])}")
@@ -81,7 +87,7 @@ class ParityReport:
         d = asdict(self) | {"ort_graph_optimization": PARITY_ORT_OPTIMIZATION}
         d["quantizers"] = {k: asdict(v) | {"match_percent": v.match_percent} for k, v in self.quantizers.items()}
         d |= {"top1_agreement": self.top1_agreement, "mean_abs_logit_diff": self.mean_abs_logit_diff}
-        return json.dumps(d, indent=2, sort_keys=True)
+        return json.dumps(d, indent=2, sort_keys=True, allow_nan=False)  # strict JSON: non-finite is counted
 
     def table(self, rows: int = 8) -> str:
         """A summary line, then the ``rows`` quantizers that agree least (all of them are in the JSON)."""
@@ -142,12 +148,14 @@ def _forced_codes(model: nn.Module, report: "ParityReport", forced: dict[str, np
 
     def hook(m, inp, out, name):
         theirs = torch.from_numpy(forced.pop(name)).reshape(out.shape)
-        mine = torch.round(out.float() / m.scale().float()).to(torch.int32)  # what the forward pass computed
-        d = (theirs.to(torch.int32) - mine).abs_()
+        mine = torch.round(out.float() / m.scale().float())  # what the forward pass computed (NaN stays NaN)
+        d = (theirs.to(torch.float32) - mine).abs_()
+        ok = torch.isfinite(d)
         p = report.quantizers[name]
         p.codes += d.numel()
-        p.equal += int((d == 0).sum())
-        p.max_lsb = max(p.max_lsb, int(d.max()))
+        p.nonfinite += int((~ok).sum())
+        p.equal += int((d[ok] == 0).sum())
+        p.max_lsb = max(p.max_lsb, int(d[ok].max()) if bool(ok.any()) else 0)
         return theirs.to(out.dtype) * m.scale().to(out.dtype)
 
     return [q.register_forward_hook(lambda m, inp, out, name=name: hook(m, inp, out, name))
@@ -227,13 +235,17 @@ def _compare(model, graph, onnx_path, images, batch_size, progress, weight_only,
         with torch.no_grad():
             ref = model(x).float().numpy()
         got = plain.run(None, feed)[0].astype(np.float32)
-        diff = np.abs(got - ref)
+        # np.maximum and max() skip NaN silently, so non-finite logits are counted apart and fail the check; the
+        # differences are taken in float64, where two finite float32 logits cannot overflow.
+        finite = np.isfinite(got) & np.isfinite(ref)
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))[finite]
         report.images += len(x)
-        report.top1_agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        report.max_abs_logit_diff = max(report.max_abs_logit_diff, float(diff.max()))
+        report.nonfinite_logits += int((~finite).sum())
+        report.top1_agree += int(((got.argmax(1) == ref.argmax(1)) & finite.all(1)).sum())
+        report.max_abs_logit_diff = max(report.max_abs_logit_diff, float(diff.max()) if diff.size else 0.0)
         report.sum_abs_logit_diff += float(diff.sum())
         report.logits += diff.size
-        del ref, got, diff
+        del ref, got, diff, finite
         if taps:
             codes = tapped.run([taps[n] for n in tap_names], feed)
             forced = {n: layouts[n](c) if n in layouts else c for n, c in zip(tap_names, codes, strict=True)}

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 from .config import CALIBRATION_METHODS, DEFAULT_IRM, IRM_VARIANTS, SAVED_TRUE_IRM, check_bits
 from .errors import QvitError
+from .untrusted import shown
 
 DEFAULTS: dict = {
     "name": None,            # the run's name (default: the recipe file's stem)
@@ -82,35 +84,68 @@ def find_recipe(spec: str) -> Path:
     raise QvitError(f"recipe '{spec}' not found: pass a YAML file or one of {', '.join(names) or '(none in models/)'}")
 
 
-def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+MAX_RECIPE_BYTES = 1 << 20  # the longest shipped recipe is under 3 KB
+
+
+def _yaml_loader():
+    """yaml.SafeLoader without aliases: an alias makes a reference to a node, and nested references expand
+    exponentially (a few hundred bytes of anchors become gigabytes when a message or recipe.yaml writes them)."""
     import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.YAMLError(f"alias *{event.anchor[:40]} at line {event.start_mark.line + 1}: aliases are "
+                                     "refused, write the value out")
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
+def read_yaml_text(text: str, where: str):
+    """``text`` as YAML (safe types, no aliases); one line naming ``where`` when it is not."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader, aliases refused
+    except yaml.YAMLError as e:
+        raise QvitError(f"{where} is not valid YAML ({str(e).splitlines()[0][:160]}): fix it") from None
+    except RecursionError:
+        raise QvitError(f"{where} is nested too deeply to be a recipe: fix it") from None
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    from .untrusted import inside, read_text
 
     if path.resolve() in seen:
         raise QvitError(f"recipe {path} extends itself (through {' -> '.join(p.name for p in seen)})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise QvitError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+    data = read_yaml_text(read_text(path, MAX_RECIPE_BYTES, "recipe"), f"recipe {path}") or {}
     if not isinstance(data, dict):
         raise QvitError(f"recipe {path} must be a mapping of keys to values")
     base = data.pop("extends", None)
     if base is None:
         return data
-    merged = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    # A recipe extends a recipe beside it: a name, not a path (it would read any file the recipe named).
+    if not isinstance(base, str) or Path(base).name != base or base in (".", "..") \
+            or not base.endswith((".yaml", ".yml")):
+        raise QvitError(f"recipe {path}: extends {shown(base)} must name a .yaml recipe in the same folder")
+    merged = _read_yaml(inside(path.parent, base, f"recipe {path}: extends"), seen + (path.resolve(),))
+    for part in (merged, data):
+        if not isinstance(part.get("augment", {}), dict):
+            raise QvitError(f"recipe {path}: augment must be a mapping of augmentation keys to values")
     augment = {**merged.get("augment", {}), **data.pop("augment", {})}
     return {**merged, **data, **({"augment": augment} if augment else {})}
 
 
 def parse_override(text: str) -> tuple[str, object]:
     """'key=value' with the value read as YAML (numbers, booleans, null, lists); 'augment.key=value' nests."""
-    import yaml
-
     key, sep, value = text.partition("=")
     if not sep or not key:
-        raise QvitError(f"--set {text!r}: write key=value, e.g. --set lr=3e-4")
+        raise QvitError(f"--set {text[:60]!r}: write key=value, e.g. --set lr=3e-4")
     try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
+        return key.strip(), read_yaml_text(value, f"the value of {key.strip()[:60]}")
+    except QvitError:
         return key.strip(), value
 
 
@@ -140,47 +175,74 @@ def with_defaults(saved: dict) -> dict:
     """A recipe as a run saved it, with the keys added since at their defaults: the same training, so a run
     saved before a key existed is still the run of today's recipe. A QAT run saved with ``irm: true`` (before runs
     named their variant) trained SAVED_TRUE_IRM, whatever DEFAULT_IRM is now."""
+    if not isinstance(saved, dict):
+        raise QvitError("the saved recipe is not a mapping of keys to values: the checkpoint is damaged")
     recipe = copy.deepcopy(DEFAULTS) | copy.deepcopy(saved)
     if recipe["mode"] == "qat" and recipe["irm"] is True:
         recipe["irm"] = SAVED_TRUE_IRM
     return recipe
 
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a run's name is a folder name under runs/
+MAX_WORKERS = 256
+AUGMENT_RANGES = {"hflip": (0, 1), "re_prob": (0, 1), "color_jitter": (0, 10)}
+
+
+def _number(value, lo: float, hi: float = math.inf, whole: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+        return False
+    return math.isfinite(value) and lo <= value <= hi
+
+
 def validate(recipe: dict) -> dict:
-    unknown = sorted(set(recipe) - set(DEFAULTS))
+    """Check every key's type and range before any value is used or formatted (values in messages are cut short:
+    untrusted.shown)."""
+    unknown = [k for k in recipe if k not in DEFAULTS]
     if unknown:
-        raise QvitError(f"unknown recipe key '{unknown[0]}': known keys are {', '.join(sorted(DEFAULTS))}")
-    bad_aug = sorted(set(recipe["augment"]) - set(AUGMENT_DEFAULTS))
+        raise QvitError(f"unknown recipe key {shown(unknown[0])}: known keys are {', '.join(sorted(DEFAULTS))}")
+    if not isinstance(recipe["augment"], dict):
+        raise QvitError(f"augment={shown(recipe['augment'])} must be a mapping of augmentation keys to values")
+    bad_aug = [k for k in recipe["augment"] if k not in AUGMENT_DEFAULTS]
     if bad_aug:
-        raise QvitError(f"unknown augment key '{bad_aug[0]}': known keys are {', '.join(AUGMENT_DEFAULTS)}")
+        raise QvitError(f"unknown augment key {shown(bad_aug[0])}: known keys are {', '.join(AUGMENT_DEFAULTS)}")
     recipe["augment"] = AUGMENT_DEFAULTS | recipe["augment"]
+    _check_augment(recipe["augment"])
     for key, allowed in CHOICES.items():
-        if recipe[key] not in allowed:
-            raise QvitError(f"{key}={recipe[key]!r} is not one of {', '.join(allowed)}")
+        if not isinstance(recipe[key], str) or recipe[key] not in allowed:
+            raise QvitError(f"{key}={shown(recipe[key])} is not one of {', '.join(allowed)}")
     for key in ("w_bits", "a_bits", "edge_bits"):
         check_bits(key, recipe[key])
     for key in ("epochs", "batch_size", "calibration_images", "eval_batch_size", "seed", "irm_steps", "workers"):
-        value = recipe[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key in ("seed", "irm_steps", "workers") else 1):
-            raise QvitError(f"{key}={value!r} must be a whole number" + ("" if key in ("seed", "irm_steps", "workers") else " >= 1"))
+        lowest = 0 if key in ("seed", "irm_steps", "workers") else 1
+        if not _number(recipe[key], lowest, MAX_WORKERS if key == "workers" else math.inf, whole=True):
+            raise QvitError(f"{key}={shown(recipe[key])} must be a whole number" + (" >= 1" if lowest else "")
+                            + (f" <= {MAX_WORKERS}" if key == "workers" else ""))
+    for key in ("train_limit", "val_limit"):
+        if recipe[key] is not None and not _number(recipe[key], 1, whole=True):
+            raise QvitError(f"{key}={shown(recipe[key])} must be a whole number >= 1 or null")
     for key in ("lr", "min_lr", "weight_decay", "warmup_epochs", "step_lr_scale", "irm_lr_scale", "distill_weight",
                 "distill_tau", "dgd_weight", "label_smoothing", "drop_path"):
-        value = recipe[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise QvitError(f"{key}={value!r} must be a finite number >= 0")
+        if not _number(recipe[key], 0):
+            raise QvitError(f"{key}={shown(recipe[key])} must be a finite number >= 0")
     for key in ("dgd", "amp", "pretrained"):
         if not isinstance(recipe[key], bool):
-            raise QvitError(f"{key}={recipe[key]!r} must be true or false")
+            raise QvitError(f"{key}={shown(recipe[key])} must be true or false")
     if not isinstance(recipe["irm"], bool) and recipe["irm"] not in IRM_VARIANTS:
-        raise QvitError(f"irm={recipe['irm']!r} must be true ({DEFAULT_IRM}), false or one of {', '.join(IRM_VARIANTS)}")
+        raise QvitError(f"irm={shown(recipe['irm'])} must be true ({DEFAULT_IRM}), false or one of "
+                        f"{', '.join(IRM_VARIANTS)}")
     if recipe["mode"] == "qat" and recipe["irm"] is True:
         recipe["irm"] = DEFAULT_IRM  # the run records the variant it trains: a later default cannot make it stale
     clip = recipe["clip_grad"]
-    if clip is not None and not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and math.isfinite(clip)
-                                 and clip > 0):
-        raise QvitError(f"clip_grad={recipe['clip_grad']!r} must be a positive number or null")
-    if recipe["calibration_set"] is not None and not isinstance(recipe["calibration_set"], str):
-        raise QvitError(f"calibration_set={recipe['calibration_set']!r} must be a manifest path or a shipped name")
+    if clip is not None and not (_number(clip, 0) and clip > 0):
+        raise QvitError(f"clip_grad={shown(clip)} must be a positive number or null")
+    if recipe["name"] is not None and not (isinstance(recipe["name"], str) and NAME_PATTERN.fullmatch(recipe["name"])):
+        raise QvitError(f"name={shown(recipe['name'])} must be a plain name (letters, digits, '.', '_', '-'; the run's "
+                        "folder under runs/)")
+    for key in ("model", "teacher", "weights", "calibration_set", "data"):
+        value = recipe[key]
+        if (value is not None or key == "data") and not (isinstance(value, str) and 0 < len(value) <= 4096):
+            raise QvitError(f"{key}={shown(value)} must be " + ("a timm model name" if key == "model" else
+                                                                 "a path or a name"))
     if not isinstance(recipe["model_kwargs"], dict):
         raise QvitError("model_kwargs must be a mapping of timm.create_model arguments")
     if recipe["mode"] == "qat" and not recipe["teacher"]:
@@ -189,6 +251,31 @@ def validate(recipe: dict) -> dict:
     if recipe["mode"] == "fp" and not recipe["model"]:
         raise QvitError("an FP recipe needs model: a timm model name")
     return recipe
+
+
+def _check_augment(aug: dict) -> None:
+    for key, (lo, hi) in AUGMENT_RANGES.items():
+        if not (_number(aug[key], lo, hi) or (key == "color_jitter" and aug[key] is None)):
+            raise QvitError(f"augment.{key}={shown(aug[key])} must be a number from {lo} to {hi}")
+    if not _number(aug["crop_padding"], 0, 64, whole=True):
+        raise QvitError(f"augment.crop_padding={shown(aug['crop_padding'])} must be a whole number from 0 to 64")
+    scale = aug["scale"]
+    if not (isinstance(scale, (list, tuple)) and len(scale) == 2 and all(_number(v, 0, 1) for v in scale)
+            and 0 < scale[0] <= scale[1]):
+        raise QvitError(f"augment.scale={shown(scale)} must be [low, high] with 0 < low <= high <= 1")
+    policy = aug["auto_augment"]
+    if policy is not None and not (isinstance(policy, str) and len(policy) <= 100):
+        raise QvitError(f"augment.auto_augment={shown(policy)} must be a timm policy such as rand-m9-mstd0.5-inc1, "
+                        "or null")
+
+
+def hub_download(recipe: dict) -> str | None:
+    """The recipe key that asks for timm's pretrained download (a network connection), if any."""
+    if recipe["teacher"] == "pretrained" and recipe["mode"] == "qat":
+        return "teacher: pretrained"
+    if recipe["pretrained"] and recipe["mode"] == "fp" and not recipe["weights"]:
+        return "pretrained: true"
+    return None
 
 
 def quant_config(recipe: dict):

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Subset
 
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist, folder_dataset, image_mode
 from .errors import QvitError
+from .untrusted import shown
 
 _BACKGROUND = (0.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD  # a black pixel after normalisation
 
@@ -106,9 +107,13 @@ def _image_folder(recipe: dict, model) -> tuple[Dataset, Dataset]:
     config = data_config(model, f"the images of {root}")
     aug = recipe["augment"]
     plain = create_transform(**config, is_training=False)
-    augmented = create_transform(**config, is_training=True, hflip=aug["hflip"], scale=tuple(aug["scale"]),
-                                 color_jitter=aug["color_jitter"], auto_augment=aug["auto_augment"] or None,
-                                 re_prob=aug["re_prob"])
+    try:
+        augmented = create_transform(**config, is_training=True, hflip=aug["hflip"], scale=tuple(aug["scale"]),
+                                     color_jitter=aug["color_jitter"], auto_augment=aug["auto_augment"] or None,
+                                     re_prob=aug["re_prob"])
+    except (AssertionError, ValueError, KeyError, TypeError, IndexError) as e:  # timm parses the policy string
+        raise QvitError(f"augment.auto_augment={shown(aug['auto_augment'])} is not a policy timm knows "
+                        f"({type(e).__name__}): use one such as rand-m9-mstd0.5-inc1") from None
     # The training images come untransformed: SeededAugment applies timm's transform, seeded per sample.
     mode = image_mode(model)
     train = folder_dataset(_folder_split(root, ("train",)), None, mode)

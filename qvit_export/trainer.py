@@ -38,6 +38,7 @@ from .quantize import clamp_steps, quantize, set_quantizers_enabled
 from .recipe import quant_config, to_yaml, with_defaults
 from .train import evaluation_sums, metrics_from_sums
 from .train_data import set_epoch, training_data
+from .untrusted import check_finite
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table")
 CSV_FIELDS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "train_dgd", "val_top1", "val_top5", "val_loss",
@@ -96,6 +97,9 @@ def load_teacher(recipe: dict) -> nn.Module:
     if spec == "pretrained":
         if not name:
             raise QvitError("teacher: pretrained needs model: a timm model name")
+        from .model_args import check_model_kwargs
+
+        kwargs = check_model_kwargs(name, kwargs, "recipe model_kwargs")
         try:
             return create_model(name, pretrained=True, **kwargs)
         except QvitError:
@@ -137,16 +141,27 @@ def read_resume(path) -> dict:
 
 
 def fp_model(recipe: dict) -> nn.Module:
-    from .timm_models import create_model
+    """The model an FP run trains: random, from a local timm weights file (checked as any file from elsewhere:
+    timm_models.build_from_state), or timm's pretrained weights; its arguments pass the family's allow-list."""
+    from .model_args import check_model_kwargs
+    from .timm_models import build_from_state, create_model
 
-    extra = {"drop_path_rate": recipe["drop_path"]} if recipe["drop_path"] else {}
+    kwargs = check_model_kwargs(recipe["model"], recipe["model_kwargs"], "recipe model_kwargs")
+    kwargs |= {"drop_path_rate": recipe["drop_path"]} if recipe["drop_path"] else {}
+    if recipe["weights"]:
+        from .checkpoint import load_state_dict_file
+
+        model = build_from_state(recipe["model"], kwargs, load_state_dict_file(recipe["weights"]),
+                                 f"weights {recipe['weights']}", hint="give the weights of the recipe's model (and "
+                                 "its model_kwargs)")
+        check_finite(model, f"weights {recipe['weights']}")
+        return model
     try:
-        return create_model(recipe["model"], pretrained=recipe["pretrained"], weights=recipe["weights"],
-                            **recipe["model_kwargs"], **extra)
+        return create_model(recipe["model"], pretrained=recipe["pretrained"], **kwargs)
     except QvitError:
         raise
-    except Exception as e:  # noqa: BLE001
-        raise QvitError(f"could not build {recipe['model']} ({type(e).__name__}: {e}): check model, model_kwargs, "
+    except Exception as e:  # noqa: BLE001 - the hub fails in many ways offline
+        raise QvitError(f"could not build {recipe['model']} ({type(e).__name__}: {str(e)[:160]}): check model, "
                         "pretrained and weights") from None
 
 
@@ -214,6 +229,19 @@ def make_schedule(recipe: dict, optimizer, steps_per_epoch: int):
 
 # ---- one run ---------------------------------------------------------------------------------------
 
+def _resumed(load, what: str) -> None:
+    """Load one part of a run's saved state (a file from elsewhere, for all we know): a part that does not fit
+    the run's recipe is one line."""
+    try:
+        load()
+    except QvitError:
+        raise
+    except (RuntimeError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise QvitError(f"--resume: the saved {what} state does not fit the run's recipe ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}): resume from the last.pt of this "
+                        "run") from None
+
+
 class Trainer:
     """One run. ``resume``: a run's last.pt as ``read_resume`` returns it."""
 
@@ -243,7 +271,8 @@ class Trainer:
                 write_text(self.out / "calibration.json", calib_set.to_json())
             calibrate(self.model, calib_set, irm_steps=r["irm_steps"], seed=r["seed"], progress=progress)
         if state is not None:
-            self.model.load_state_dict(resume["state_dict"])
+            _resumed(lambda: self.model.load_state_dict(resume["state_dict"]), "model")
+            check_finite(self.model, "--resume")
         self.model.to(self.procs.device)
         if hasattr(self.model, "set_distilled_training"):  # DeiT's distillation token trains on the teacher
             self.model.set_distilled_training(self.use_kd)
@@ -271,9 +300,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.start_epoch, self.best, self.history, self.step_losses = 0, None, [], []
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.schedule.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+            _resumed(lambda: self.optimizer.load_state_dict(state["optimizer"]), "optimizer")
+            _resumed(lambda: self.schedule.load_state_dict(state["scheduler"]), "scheduler")
+            _resumed(lambda: self.scaler.load_state_dict(state["scaler"]), "grad scaler")
             self.start_epoch, self.best = state["epoch"], state["best"]
             self.history, self.step_losses = list(state["history"]), list(state["step_losses"])
         self.net = self.model

@@ -323,7 +323,7 @@ CASES = [
                                                      "fashion-mnist", "--out", "{out}/q.pt"], 2, ["already quantized"]),
     ("quantize-weights-of-another-model", "qvit-quantize", ["--model", "deit_small_patch16_224", "--weights",
                                                             "{in:deit_weights}", "--bits", 8, "--calib", "photos",
-                                                            "--out", "{out}/q.pt"], 2, ["does not fit", "--model-arg"]),
+                                                            "--out", "{out}/q.pt"], 2, ["does not match", "--model-arg"]),
     ("quantize-plain-weights-without-model", "qvit-quantize", ["--weights", "{in:deit_weights}", "--bits", 8,
                                                                "--calib", "photos", "--out", "{out}/q.pt"], 2,
      ["plain weights file", "--model"]),
@@ -499,6 +499,30 @@ def test_api_fault(case, demo_fp):
     _api_error(lambda: call(demo_fp), *needles)
 
 
+def test_parity_counts_non_finite_logits_and_writes_strict_json(out, inputs):
+    """NaN on both sides used to compare as equal (a running maximum skips NaN: 100% agreement, max |Δlogit| 0, and
+    NaN in the JSON): every non-finite logit is now counted, fails the check and leaves the report strict JSON; a
+    model holding inf is not exported at all."""
+    from qvit_export.data import fashion_mnist
+    from qvit_export.onnx_export import onnx_model
+    from qvit_export.parity import compare
+
+    model = load_checkpoint(inputs["ckpt"])
+    x = fashion_mnist("test", limit=20).tensors[0].clone()
+    x[3] = float("nan")
+    report = compare(model, out / "m.onnx", x, progress=False)
+    assert report.nonfinite_logits == 10  # image 3's ten logits, NaN in PyTorch and in ONNX Runtime
+    assert report.top1_agree <= 19 and report.failures()[0] == "10 logits are NaN or infinite"
+    assert any(q.nonfinite for q in report.quantizers.values())
+    json.loads(report.to_json(), parse_constant=lambda c: pytest.fail(f"{c} in the report"))
+    with torch.no_grad():
+        model.head.bias[0] = float("inf")  # PyTorch's side only: the ONNX holds the finite bias
+    report = compare(model, out / "m.onnx", x[:3], progress=False)
+    assert report.nonfinite_logits == 3 and report.failures()
+    json.loads(report.to_json(), parse_constant=lambda c: pytest.fail(f"{c} in the report"))
+    _api_error(lambda: onnx_model(model), "'head.bias'", "inf")
+
+
 def test_keep_8bit_as_one_name():
     assert QuantConfig(keep_8bit="head").keep_8bit == ("head",)
 
@@ -667,3 +691,375 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(out, inputs):
     assert code == 0, stderr
     assert not [q.name for q in out.iterdir() if q.name.startswith(".")]
     assert sorted(snapshot(out)) == ["m.build.json", "m.onnx", "m.plan"]
+
+
+# ---- hostile inputs ----------------------------------------------------------------------------------
+# Files from elsewhere (checkpoints, weights, manifests, image folders, recipes) written to attack the commands:
+# each case asserts exit 2, one line without a traceback, nothing written, and where it applies no connection to
+# a listener on 127.0.0.1 (network: the command runs in a child with a deadline, since an HTTP request to a
+# listener that never answers waits for ever), a bounded address space (memory: a child under RLIMIT_AS, which
+# the attack would exceed), no wait without end (hang: a child with a deadline), and no byte of a file outside
+# the input's root in any output or message (secret).
+
+ADDRESS_SPACE = 8 << 30  # torch, timm, ONNX and ONNX Runtime imported take about 4 GiB of address space
+SECRET = b"SECRET-d41d8cd98f00-never-read"
+
+
+@pytest.fixture(scope="module")
+def listener():
+    """A TCP listener on 127.0.0.1 (an ephemeral port) that nothing should connect to: connections wait in its
+    backlog, where ``connections()`` counts them."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+
+    def connections() -> int:
+        n = 0
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                return n
+            conn.close()
+            n += 1
+
+    probe = socket.create_connection(sock.getsockname(), timeout=5)  # the listener does count a connection
+    probe.close()
+    time.sleep(0.1)
+    assert connections() == 1
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/weights.pth", connections
+    sock.close()
+
+
+def _edit_ckpt(src: Path, dest: Path, edit) -> Path:
+    raw = torch.load(src, weights_only=True)
+    edit(raw)
+    torch.save(raw, dest)
+    return dest
+
+
+def _shared_list(levels: int) -> list:
+    """2**levels leaves in ``levels`` lists: each level holds the one below twice, by reference."""
+    node = [0]
+    for _ in range(levels):
+        node = [node, node]
+    return node
+
+
+def _manifest(path: Path, root: Path, entries: list, **head) -> Path:
+    data = {"format": "qvit-calibration-set", "version": 1, "name": "hostile",
+            "source": {"kind": "folder", "root": str(root)},
+            "rule": {"images": len(entries), "seed": 0, "balanced": False}, "count": len(entries), "images": entries}
+    path.write_text(json.dumps(data | head))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile(inputs, listener, photo_folder, tmp_path_factory):
+    """The hostile files, made once; ``outside`` holds the secrets they reach for."""
+    folder = tmp_path_factory.mktemp("hostile")
+    url, _ = listener
+    outside = folder / "outside"
+    outside.mkdir()
+    png = (photo_folder / "train" / "colour" / "coffee.png").read_bytes()
+    (outside / "secret.png").write_bytes(png + SECRET)  # a real image, with the secret after its end
+    (outside / "secret.yaml").write_text(f"lr: 0.001\nname: {SECRET.decode()}\n")
+    (outside / "secret.pth").write_bytes(SECRET)
+    paths = {"outside": outside, "secret_png": outside / "secret.png",
+             "secret_sha": hashlib.sha256((outside / "secret.png").read_bytes()).hexdigest()}
+    ckpt, fp = inputs["ckpt"], inputs["fp"]
+    kwargs = torch.load(ckpt, weights_only=True)["model"]["kwargs"]
+
+    def kw(**more):
+        return lambda raw: raw["model"].update(kwargs=dict(kwargs, **more))
+
+    overlay = {"url": url, "hf_hub_id": ""}  # timm would fetch from the URL (measured: one connection)
+    for name, edit in {
+        "ck_pretrained": kw(pretrained=True, pretrained_cfg_overlay=overlay),
+        "ck_checkpoint_path": kw(checkpoint_path=str(outside / "secret.pth")),
+        "ck_depth_huge": kw(depth=100_000),
+        "ck_in_range_huge": kw(depth=64, embed_dim=8192, num_heads=64),
+        "ck_img_size_text": kw(img_size="large"),
+        "ck_device": kw(device="cuda"),
+        "ck_depth_bool": kw(depth=True),
+        "ck_extra_shared": lambda raw: raw["extra"].update(recipe={"augment": _shared_list(40)}),
+        "ck_metrics_nan": lambda raw: raw["metrics"].update(top1=float("nan")),
+        "ck_head_bias_inf": lambda raw: raw["state_dict"]["head.bias"].fill_(float("inf")),
+        "ck_norm_nan": lambda raw: raw["state_dict"]["blocks.0.norm1.weight"].fill_(float("nan")),
+        "ck_broadcast": lambda raw: raw["state_dict"].update({"head.weight": torch.zeros(1).expand(10, 128)}),
+        "ck_extra_state": lambda raw: raw["state_dict"].update({"head.input_quantizer._extra_state": {"bits": 8}}),
+        "ck_quant_int_key": lambda raw: raw["quant"].update({1: 2}),
+    }.items():
+        paths[name] = _edit_ckpt(ckpt, folder / f"{name}.pt", edit)
+    # a zip whose entries are deflated (torch.save stores them): 1,000x smaller than what torch.load inflates
+    import zipfile
+
+    big = folder / "big.pt"
+    raw = torch.load(ckpt, weights_only=True)
+    raw["extra"]["padding"] = torch.zeros(16 << 20, dtype=torch.uint8)
+    torch.save(raw, big)
+    with zipfile.ZipFile(big) as zin, zipfile.ZipFile(folder / "ck_zip_bomb.pt", "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED)
+    big.unlink()
+    paths["ck_zip_bomb"] = folder / "ck_zip_bomb.pt"
+    # timm weights files (DeiT-Ti, 10 classes)
+    state = torch.load(inputs["deit_weights"], weights_only=True)
+    torch.save(state | {"blocks.0.norm1.weight": torch.full((192,), float("inf"))}, folder / "w_inf.pth")
+    torch.save(state | {"head.weight": torch.zeros(1).expand(100_000_000, 192),
+                        "head.bias": torch.zeros(1).expand(100_000_000)}, folder / "w_broadcast_head.pth")
+    paths |= {"w_inf": folder / "w_inf.pth", "w_broadcast_head": folder / "w_broadcast_head.pth"}
+    # manifests over a folder of two real images
+    root = folder / "root"
+    shutil.copytree(photo_folder / "train" / "colour", root / "train" / "colour", dirs_exist_ok=True)
+    (root / "train" / "colour" / "link.png").symlink_to(outside / "secret.png")
+    (root / "train" / "colour" / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(root / "train" / "colour" / "pipe.png")
+    (root / "train" / "colour" / "big.png").write_bytes(os.urandom(2 << 20))
+    good = {"id": "train/colour/coffee.png", "sha256": file_sha256(root / "train" / "colour" / "coffee.png"),
+            "label": "colour"}
+    secret = {"sha256": paths["secret_sha"], "label": "colour"}
+    paths |= {
+        "m_dotdot": _manifest(folder / "m_dotdot.json", root, [good, {"id": "../outside/secret.png", **secret}]),
+        "m_absolute": _manifest(folder / "m_absolute.json", root, [{"id": str(outside / "secret.png"), **secret}]),
+        "m_link": _manifest(folder / "m_link.json", root, [good, {"id": "train/colour/link.png", **secret}]),
+        "m_fifo": _manifest(folder / "m_fifo.json", root, [{"id": "train/colour/pipe.png", **secret}]),
+        "m_dev_zero": _manifest(folder / "m_dev_zero.json", root, [{"id": "train/colour/zero.png", **secret}]),
+        "m_big": _manifest(folder / "m_big.json", root, [{"id": "train/colour/big.png", **secret}]),
+        "m_duplicate": _manifest(folder / "m_duplicate.json", root, [good, good]),
+        "m_count": _manifest(folder / "m_count.json", root, [good], count=1000),
+        "m_types": _manifest(folder / "m_types.json", root, [{"id": ["train"], "sha256": 5}]),
+        "m_nan": _manifest(folder / "m_nan.json", root, [dict(good, label=float("nan"))]),  # json writes NaN
+        "m_deep": folder / "m_deep.json", "root": root,
+    }
+    paths["m_deep"].write_text("[" * 200_000 + "]" * 200_000)
+    # image folders holding a link to a file outside, a link to a folder outside, a FIFO
+    for name, special in (("f_link", lambda d: (d / "link.png").symlink_to(outside / "secret.png")),
+                          ("f_fifo", lambda d: os.mkfifo(d / "pipe.png")),
+                          ("f_dir_link", lambda d: (d.parent / "elsewhere").symlink_to(outside, True))):
+        classes = folder / name / "train" / "colour"
+        classes.mkdir(parents=True)
+        shutil.copy(photo_folder / "train" / "colour" / "coffee.png", classes)
+        special(classes)
+        paths[name] = folder / name
+    # recipes
+    recipes = {
+        "r_alias": "mode: fp\nmodel: vit_tiny_patch16_224\na: &a [x, x, x, x, x, x, x, x, x, x]\n"
+                   + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                             for p, c in zip("abcdefghi", "bcdefghij")) + "lr: *j\n",
+        "r_extends_absolute": f"extends: {outside / 'secret.yaml'}\n",
+        "r_extends_dotdot": "extends: ../outside/secret.yaml\n",
+        "r_teacher_pretrained": "mode: qat\nmodel: vit_tiny_patch16_224\nteacher: pretrained\n",
+        "r_overlay": f"mode: fp\nmodel: vit_tiny_patch16_224\npretrained: true\nmodel_kwargs: "
+                     f"{{pretrained_cfg_overlay: {{url: '{url}', hf_hub_id: ''}}}}\n",
+        "r_checkpoint_path": f"mode: fp\nmodel: vit_tiny_patch16_224\nmodel_kwargs: {{checkpoint_path: "
+                             f"'{outside / 'secret.pth'}'}}\n",
+        "r_augment_list": "mode: fp\nmodel: vit_tiny_patch16_224\naugment: [1, 2]\n",
+        "r_name_escape": "mode: fp\nmodel: vit_tiny_patch16_224\nname: ../../escaped\n",
+        "r_depth_text": "mode: fp\nmodel: vit_tiny_patch16_224\nmodel_kwargs: {depth: deep}\n",
+    }
+    (folder / "recipes").mkdir()
+    for name, text in recipes.items():
+        paths[name] = folder / "recipes" / f"{name}.yaml"
+        paths[name].write_text(text)
+    return paths
+
+
+# (id, tool, argv with {out}, {in:<key>}, {h:<key>} and {url} placeholders, words the line must hold, what else to
+#  check: network, memory, hang, secret)
+QUANTIZE_DEIT = ["--model", "deit_tiny_patch16_224", "--bits", 8, "--out", "{out}/q.pt"]
+HOSTILE = [
+    # checkpoints: their model arguments are data (an allow-list per family), their contents bounded and finite
+    ("ckpt-pretrained-url", "qvit-export", ["--ckpt", "{h:ck_pretrained}", "--onnx", "{out}/m.onnx"],
+     ["'pretrained'", "--pretrained"], {"network"}),
+    ("ckpt-checkpoint-path", "qvit-export", ["--ckpt", "{h:ck_checkpoint_path}", "--onnx", "{out}/m.onnx"],
+     ["'checkpoint_path'"], {"secret"}),
+    ("ckpt-depth-huge", "qvit-export", ["--ckpt", "{h:ck_depth_huge}", "--onnx", "{out}/m.onnx"],
+     ["'depth'=100000", "1 to 64"], {"memory"}),
+    ("ckpt-in-range-but-not-the-weights", "qvit-export", ["--ckpt", "{h:ck_in_range_huge}", "--onnx", "{out}/m.onnx"],
+     ["does not match", "blocks.10"], {"memory"}),
+    ("ckpt-img-size-text", "qvit-export", ["--ckpt", "{h:ck_img_size_text}", "--onnx", "{out}/m.onnx"],
+     ["'img_size'='large'"], set()),
+    ("ckpt-device-kwarg", "qvit-export", ["--ckpt", "{h:ck_device}", "--onnx", "{out}/m.onnx"], ["'device'"], set()),
+    ("ckpt-depth-bool", "qvit-export", ["--ckpt", "{h:ck_depth_bool}", "--onnx", "{out}/m.onnx"], ["'depth'=True"],
+     set()),
+    ("ckpt-extra-shared-references", "qvit-export", ["--ckpt", "{h:ck_extra_shared}", "--onnx", "{out}/m.onnx"],
+     ["extra", "too large"], {"memory"}),
+    ("ckpt-metrics-nan", "qvit-export", ["--ckpt", "{h:ck_metrics_nan}", "--onnx", "{out}/m.onnx"],
+     ["metrics", "top1", "nan"], set()),
+    ("ckpt-head-bias-inf", "qvit-export", ["--ckpt", "{h:ck_head_bias_inf}", "--onnx", "{out}/m.onnx"],
+     ["'head.bias'", "inf"], set()),
+    ("ckpt-norm-nan", "qvit-eval", ["--ckpt", "{h:ck_norm_nan}", "--limit", 10], ["'blocks.0.norm1.weight'", "nan"],
+     set()),
+    ("ckpt-broadcast-view", "qvit-export", ["--ckpt", "{h:ck_broadcast}", "--onnx", "{out}/m.onnx"],
+     ["head.weight", "broadcast"], set()),
+    ("ckpt-extra-state-keys", "qvit-export", ["--ckpt", "{h:ck_extra_state}", "--onnx", "{out}/m.onnx"],
+     ["head.input_quantizer._extra_state"], set()),
+    ("ckpt-quant-int-key", "qvit-report", ["--ckpt", "{h:ck_quant_int_key}"], ["unknown QuantConfig keys 1"], set()),
+    ("ckpt-zip-bomb", "qvit-export", ["--ckpt", "{h:ck_zip_bomb}", "--onnx", "{out}/m.onnx"], ["compressed"], set()),
+    # timm weights files and --model-arg
+    ("weights-model-arg-pretrained-url", "qvit-quantize",
+     ["--weights", "{in:deit_weights}", "--calib", "photos", "--model-arg", "pretrained=true", "--model-arg",
+      "pretrained_cfg_overlay={url: '{url}', hf_hub_id: ''}", *QUANTIZE_DEIT], ["--model-arg", "'pretrained'"],
+     {"network"}),
+    ("weights-model-arg-type", "qvit-quantize", ["--weights", "{in:deit_weights}", "--calib", "photos",
+                                                 "--model-arg", "img_size=[a, b]", *QUANTIZE_DEIT],
+     ["--model-arg", "'img_size'"], set()),
+    ("weights-inf", "qvit-quantize", ["--weights", "{h:w_inf}", "--calib", "photos", *QUANTIZE_DEIT],
+     ["'blocks.0.norm1.weight'", "inf"], set()),
+    ("weights-broadcast-head", "qvit-quantize", ["--weights", "{h:w_broadcast_head}", "--calib", "photos",
+                                                 *QUANTIZE_DEIT], ["head.weight", "broadcast"], {"memory"}),
+    # calibration manifests: every image inside the resolved root, a regular file, under the size cap
+    ("manifest-dotdot", "qvit-calib", ["verify", "{h:m_dotdot}"], ["../outside/secret.png", "outside its folder"],
+     {"secret"}),
+    ("manifest-absolute-id", "qvit-calib", ["verify", "{h:m_absolute}"], ["outside its folder"], {"secret"}),
+    ("manifest-symlink", "qvit-calib", ["verify", "{h:m_link}"], ["train/colour/link.png", "link that leads outside"],
+     {"secret"}),
+    ("quantize-manifest-symlink", "qvit-quantize", ["--weights", "{in:deit_weights}", "--calib", "{h:m_link}",
+                                                    *QUANTIZE_DEIT], ["link that leads outside"], {"secret"}),
+    ("manifest-fifo", "qvit-calib", ["verify", "{h:m_fifo}"], ["pipe.png", "not a regular file"], {"hang"}),
+    ("manifest-dev-zero", "qvit-calib", ["verify", "{h:m_dev_zero}"], ["zero.png", "outside"], {"hang"}),
+    ("manifest-image-over-cap", "qvit-calib", ["verify", "{h:m_big}", "--max-image-mb", 1],
+     ["big.png", "--max-image-mb"], set()),
+    ("manifest-duplicate-id", "qvit-calib", ["verify", "{h:m_duplicate}"], ["images[1]", "repeats"], set()),
+    ("manifest-wrong-count", "qvit-calib", ["verify", "{h:m_count}"], ["count is 1000", "(1)"], set()),
+    ("manifest-wrong-types", "qvit-calib", ["show", "{h:m_types}"], ["images[0].id"], set()),
+    ("manifest-nan", "qvit-calib", ["verify", "{h:m_nan}"], ["NaN"], set()),
+    ("manifest-deep-nesting", "qvit-calib", ["verify", "{h:m_deep}"], ["not a manifest's JSON"], set()),
+    # image folders: the same rules for every file read from them
+    ("draw-folder-symlink", "qvit-calib", ["draw", "--source", "{h:f_link}", "--images", 2, "--out", "{out}/c.json"],
+     ["link.png", "link that leads outside"], {"secret"}),
+    ("quantize-folder-fifo", "qvit-quantize", ["--weights", "{in:deit_weights}", "--calib", "{h:f_fifo}",
+                                               "--calib-images", 2, *QUANTIZE_DEIT], ["pipe.png", "not a regular file"],
+     {"hang"}),
+    ("eval-folder-symlink", "qvit-eval", ["--ckpt", "{in:rgb}", "--data", "{h:f_link}"], ["link that leads outside"],
+     {"secret"}),
+    ("parity-folder-link-outside", "qvit-export", ["--ckpt", "{in:rgb}", "--onnx", "{out}/m.onnx", "--parity-data",
+                                                   "{h:f_dir_link}"], ["elsewhere", "leads outside"], {"secret"}),
+    # recipes
+    ("recipe-alias-bomb", "qvit-train", ["--recipe", "{h:r_alias}", "--out", "{out}/run"], ["aliases are refused"],
+     {"memory"}),
+    ("recipe-extends-absolute", "qvit-train", ["--recipe", "{h:r_extends_absolute}", "--out", "{out}/run"],
+     ["extends", "same folder"], {"secret"}),
+    ("recipe-extends-dotdot", "qvit-train", ["--recipe", "{h:r_extends_dotdot}", "--out", "{out}/run"],
+     ["extends", "same folder"], {"secret"}),
+    ("recipe-teacher-pretrained", "qvit-train", ["--recipe", "{h:r_teacher_pretrained}", "--out", "{out}/run"],
+     ["teacher: pretrained", "--pretrained"], {"network"}),
+    ("recipe-kwargs-overlay", "qvit-train", ["--recipe", "{h:r_overlay}", "--pretrained", "--out", "{out}/run"],
+     ["'pretrained_cfg_overlay'"], {"network"}),
+    ("recipe-kwargs-checkpoint-path", "qvit-train", ["--recipe", "{h:r_checkpoint_path}", "--out", "{out}/run"],
+     ["'checkpoint_path'"], {"secret"}),
+    ("recipe-augment-list", "qvit-train", ["--recipe", "{h:r_augment_list}", "--out", "{out}/run"],
+     ["augment", "mapping"], set()),
+    ("recipe-name-escapes", "qvit-train", ["--recipe", "{h:r_name_escape}"], ["name=", "plain name"], set()),
+    ("recipe-kwargs-type", "qvit-train", ["--recipe", "{h:r_depth_text}", "--out", "{out}/run"], ["'depth'='deep'"],
+     set()),
+]
+
+
+def _fill_hostile(arg, out: Path, inputs: dict, hostile: dict, url: str) -> str:
+    text = _fill(str(arg).replace("{url}", url), out, inputs)
+    while "{h:" in text:
+        start = text.index("{h:")
+        key = text[start + 3:text.index("}", start)]
+        text = text.replace("{h:" + key + "}", str(hostile[key]))
+    return text
+
+
+def _address_space(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return apply
+
+
+# What each memory attack would take, had it not been refused: far more than the child's address space.
+def _model_bytes(name: str, **kwargs) -> int:
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, **kwargs)
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+DEMO_ARCH = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10}
+ATTACK_NEEDS = {  # bytes
+    "ckpt-depth-huge": lambda: 100_000 * 12 * 128 * 128 * 4,  # 12 d^2 weights per block, at the demo's width
+    "ckpt-in-range-but-not-the-weights": lambda: _model_bytes("vit_tiny_patch16_224", **DEMO_ARCH, depth=64,
+                                                              embed_dim=8192, num_heads=64),
+    "ckpt-extra-shared-references": lambda: 2 ** 40,  # leaves, at least a byte each in the ONNX metadata
+    "weights-broadcast-head": lambda: 100_000_000 * 193 * 4,  # the classifier timm would allocate
+    "recipe-alias-bomb": lambda: 5 * 10 ** 10,  # 10^10 strings "'x', " in the message that formats lr
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_input(case, out, inputs, hostile, listener):
+    name, tool, argv, needles, checks = case
+    url, connections = listener
+    argv = [_fill_hostile(a, out, inputs, hostile, url) for a in argv]
+    needles = [_fill_hostile(n, out, inputs, hostile, url) for n in needles]
+    before = snapshot(out)
+    connections()  # none pending
+    stdout = ""
+    if checks & {"memory", "hang", "network"}:  # a child with a deadline: an HTTP request to the listener waits
+        if "memory" in checks:
+            assert ATTACK_NEEDS[name]() > 4 * ADDRESS_SPACE  # the attack is not merely tight under the limit
+        p = child(tool, argv, preexec_fn=_address_space(ADDRESS_SPACE) if "memory" in checks else None)
+        try:
+            stdout, stderr = finish(p, timeout=300, both=True)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            finish(p)
+            pytest.fail(f"{name}: still running after 300 s")
+        code = p.returncode
+    else:
+        code, stderr = invoke(tool, argv)
+    assert_one_line(code, stderr, 2, *needles)
+    assert_untouched(out, before)
+    assert connections() == 0, "a connection reached the listener"
+    if "secret" in checks:
+        for text in (stderr, stdout):
+            assert SECRET.decode() not in text and hostile["secret_sha"] not in text
+        assert all(SECRET not in p.read_bytes() for p in out.rglob("*") if p.is_file())
+
+
+def test_out_of_memory_is_one_line_that_says_what_to_reduce(inputs, tmp_path):
+    """The last resort: an allocation that fails (torch's allocator under RLIMIT_AS, here a batch of 10,000 images
+    whose MLP activations alone are 1 GB) ends in one line naming what to reduce; the same command with a batch of
+    100 runs under the same limit."""
+    limit = 5 << 30
+    argv = ["--ckpt", inputs["fp"], "--limit", 10_000, "--json", tmp_path / "m.json"]
+    p = child("qvit-eval", [*argv, "--batch-size", 10_000], preexec_fn=_address_space(limit))
+    stderr = finish(p)
+    assert_one_line(p.returncode, stderr, 2, "out of memory", "--batch-size")
+    assert list(tmp_path.iterdir()) == []
+    p = child("qvit-eval", [*argv[:2], "--limit", 100, "--batch-size", 100], preexec_fn=_address_space(limit))
+    stdout, stderr = finish(p, both=True)
+    assert p.returncode == 0 and "top-1" in stdout, stderr[-2000:]
+
+
+def test_the_allow_list_admits_real_models(tmp_path):
+    """The shape arguments of the largest real models of each family pass (DeiT-B/384, distilled DeiT, Swin-B/384,
+    DINOv2 ViT-g with registers); a DINOv2-style checkpoint (registers, no class-token position, dynamic size)
+    saves and loads with the same logits."""
+    import timm
+
+    from qvit_export.model_args import check_model_kwargs
+    from qvit_export.timm_models import _architecture_kwargs
+
+    dinov2 = {"reg_tokens": 4, "no_embed_class": True, "init_values": 1e-5, "dynamic_img_size": True}
+    for name, more in (("deit_base_patch16_384", {}), ("deit_tiny_distilled_patch16_224", {}),
+                       ("swin_base_patch4_window12_384", {}), ("vit_giant_patch14_reg4_dinov2", dinov2)):
+        with torch.device("meta"):
+            kwargs = _architecture_kwargs(timm.create_model(name)) | more
+        assert check_model_kwargs(name, kwargs, name) == kwargs | {k: tuple(v) for k, v in kwargs.items()
+                                                                   if isinstance(v, list)}
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch14_reg4_dinov2", img_size=56, num_classes=10, dynamic_img_size=True).eval()
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "dinov2.pt", model))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
