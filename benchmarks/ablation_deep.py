@@ -179,10 +179,11 @@ def all_jobs(probes: dict[str, Probe], args) -> list[Job]:
     choices = Choices(deep)
     progress = not args.no_progress
     jobs = [teacher_job(deep, progress), teacher_job(probes["probe"], progress)]
-    cache = deep.workdir / "ptq_bottleneck_deep.json"
-    jobs.append(Job(name="deep/ptq_bottleneck", tier=5, kind="measure", ready=deep.teacher_done,
-                    done=lambda: bottleneck.ptq_table(deep.teacher, cache, compute=False) is not None,
-                    run=lambda: bottleneck.ptq_table(deep.teacher, cache)))
+    for probe in probes.values():  # the PTQ rows of the bottleneck tables, once the teacher is final
+        cache = probe.workdir / f"ptq_bottleneck_{probe.name}.json"
+        jobs.append(Job(name=f"{probe.name}/ptq_bottleneck", tier=5, kind="measure", ready=probe.teacher_done,
+                        done=lambda p=probe, c=cache: bottleneck.ptq_table(p.teacher, c, compute=False) is not None,
+                        run=lambda p=probe, c=cache: bottleneck.ptq_table(p.teacher, c)))
     jobs.append(Job(name="deep/dgd_balance", tier=5, kind="measure", ready=deep.teacher_done,
                     done=lambda: choices.balance() is not None, run=lambda: measure_balance(deep, choices)))
     for student in STUDENTS:
