@@ -246,6 +246,7 @@ def work(jobs: Callable[[], list[Job]], claims_dir: Path, after_each: Callable[[
     what is done, left and an estimate of the time left before each job. Returns how many jobs this call ran."""
     ran, walls = 0, []
     waiting_since = None
+    failed: set[str] = set()  # jobs that raised in this worker: left to the other worker or a restart
     while True:
         listed = jobs()
         order = sorted(range(len(listed)), key=lambda i: (listed[i].tier, i))
@@ -253,7 +254,7 @@ def work(jobs: Callable[[], list[Job]], claims_dir: Path, after_each: Callable[[
         if not pending:
             print(f"all {len(listed)} jobs done ({ran} run by this worker)", flush=True)
             return ran
-        job = next((j for j in pending if j.ready() and not claimed_by_other(claims_dir, j)
+        job = next((j for j in pending if j.name not in failed and j.ready() and not claimed_by_other(claims_dir, j)
                     and claim(claims_dir, j)), None)
         if job is None:
             if stop_when_blocked:
@@ -282,6 +283,13 @@ def work(jobs: Callable[[], list[Job]], claims_dir: Path, after_each: Callable[[
         begun = time.perf_counter()
         try:
             job.run()
+        except Exception:  # noqa: BLE001 - one broken job must not stop an unattended queue
+            import traceback
+
+            traceback.print_exc()
+            print(f"{job.name} failed: this worker leaves it (restart the worker to retry it)", flush=True)
+            failed.add(job.name)
+            continue
         finally:
             release(claims_dir, job)
         if job.kind == "student":
