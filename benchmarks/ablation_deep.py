@@ -401,6 +401,7 @@ def write_results(probes: dict[str, Probe], args) -> str | None:
             + "\n".join(f"- {line}" for line in targets(table)) + "\n" + per_block_table(table) + "\n")
     out = Path(args.results) / "ablation_deep"
     write_text(out.with_suffix(".md"), text)
+    balance = {k: v for k, v in balance.items() if k != "teacher"} if balance else None  # no machine paths
     write_text(out.with_suffix(".json"), json.dumps({"date": when, "fp": fp, "recipe": recipe, "dgd_balance": balance,
                                                      "choices": saved, "table": table}, indent=2))
     if any(t["final"] is not None for t in table):
