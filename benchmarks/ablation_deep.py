@@ -179,9 +179,9 @@ def all_jobs(probes: dict[str, Probe], args) -> list[Job]:
     choices = Choices(deep)
     progress = not args.no_progress
     jobs = [teacher_job(deep, progress), teacher_job(probes["probe"], progress)]
-    for probe in probes.values():  # the PTQ rows of the bottleneck tables, once the teacher is final
+    for probe in probes.values():  # the PTQ rows of the bottleneck tables as soon as the teacher is final (minutes)
         cache = probe.workdir / f"ptq_bottleneck_{probe.name}.json"
-        jobs.append(Job(name=f"{probe.name}/ptq_bottleneck", tier=5, kind="measure", ready=probe.teacher_done,
+        jobs.append(Job(name=f"{probe.name}/ptq_bottleneck", tier=-1, kind="measure", ready=probe.teacher_done,
                         done=lambda p=probe, c=cache: bottleneck.ptq_table(p.teacher, c, compute=False) is not None,
                         run=lambda p=probe, c=cache: bottleneck.ptq_table(p.teacher, c)))
     jobs.append(Job(name="deep/dgd_balance", tier=5, kind="measure", ready=deep.teacher_done,
