@@ -20,7 +20,7 @@ SAVED_TRUE_IRM = "token"
 
 # Which quantizers of the transformer blocks are on, by group (the paper's bottleneck analysis quantizes one group
 # at a time). 'mlp': fc1/fc2 weights and inputs; 'mhsa_weights': qkv/proj weights; 'mhsa_acts': the attention's
-# own activations, q, k, v and the attention probabilities (the and the paper's "MHSA activations");
+# own activations, q, k, v and the attention probabilities (the list of "MHSA activations");
 # 'mhsa_inputs': the inputs of qkv and proj (the LayerNorm output and the attention output), kept apart so that
 # "MHSA activations" means what the two matmuls of attention see and nothing else. The patch embedding and the
 # head (keep_8bit) are always quantized at edge_bits. A group left out keeps its quantizers off for good: in
