@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: install data test demo probe-teacher ablation bench bench-check clean
+.PHONY: install data test demo probe-teacher ablation deep-teacher deep-ablation bottleneck bench bench-check clean
 
 install: $(VENV)/.installed data
 
@@ -47,6 +47,17 @@ bench: $(VENV)/.bench data
 
 bench-check: $(VENV)/.bench data
 	$(PY) benchmarks/runtimes.py --check
+
+# Issue 24's deep probe: its teacher alone, or the whole queue (teachers, the bottleneck runs, the ablation; one
+# worker; start a second one beside it, with one thread each, to use two cores). The PTQ bottleneck tables alone.
+deep-teacher: install
+	$(PY) benchmarks/ablation_deep.py --teacher-only
+
+deep-ablation: install
+	$(PY) benchmarks/ablation_deep.py --worker
+
+bottleneck: install
+	$(PY) benchmarks/bottleneck.py --demo-teacher runs/demo/fp/best.pt
 
 clean:
 	rm -rf $(VENV) .cache runs *.egg-info

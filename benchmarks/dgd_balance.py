@@ -42,7 +42,8 @@ def trained_student(run: Path) -> Trainer:
     return Trainer(with_defaults(resume["extra"]["recipe"]), Path("runs/dgd_balance"), resume=resume, progress=False)
 
 
-def measure(trainer: Trainer, images: int = 256) -> dict:
+def measure(trainer: Trainer, images: int = 256, form: str = "cosine") -> dict:
+    """Task loss, DGD (weight 1, in ``form``) and their gradients on the blocks' weight matrices, for one batch."""
     bits, irm = trainer.recipe["w_bits"], trainer.recipe["irm"]
     x = torch.stack([trainer.train_set[i][0] for i in range(images)])
     y = torch.tensor([trainer.train_set[i][1] for i in range(images)])
@@ -52,7 +53,7 @@ def measure(trainer: Trainer, images: int = 256) -> dict:
         logits = model(x)
         with torch.no_grad():
             teacher_logits = trainer.teacher(x)
-        dgd = dgd_loss(student_tap, teacher_tap)
+        dgd = dgd_loss(student_tap, teacher_tap, form)
     alpha = trainer.recipe["distill_weight"]
     task = (1 - alpha) * F.cross_entropy(logits, y) + alpha * logit_distillation(logits, teacher_logits, "soft")
     g_task = torch.autograd.grad(task, weights, retain_graph=True)
@@ -61,7 +62,7 @@ def measure(trainer: Trainer, images: int = 256) -> dict:
     n_task = torch.sqrt(sum((g ** 2).sum() for g in g_task)).item()
     n_dgd = torch.sqrt(sum((g ** 2).sum() for g in g_dgd)).item()
     cos = (sum((a * b).sum() for a, b in zip(g_task, g_dgd, strict=True)) / (n_task * n_dgd)).item()
-    return {"bits": bits, "irm": irm, "task_loss": task.item(), "dgd": dgd.item(), "grad_task": n_task,
+    return {"bits": bits, "irm": irm, "form": form, "task_loss": task.item(), "dgd": dgd.item(), "grad_task": n_task,
             "grad_dgd": n_dgd, "ratio": n_dgd / n_task, "cosine": cos, "dgd_weight": trainer.recipe["dgd_weight"]}
 
 

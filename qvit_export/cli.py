@@ -600,7 +600,9 @@ def train_main(argv=None) -> int:
 
 def report_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qvit-report", description="OPs (Bi-Real/Q-DETR and BOPs/64 conventions) and "
-                                "model size, per layer and in total, of a checkpoint or a timm model at given bits.")
+                                "model size, per layer and in total, of a checkpoint or a timm model at given bits; "
+                                "with --attention, where a quantized student's attention departs from its FP "
+                                "teacher's, block by block.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a qvit-export checkpoint (its own bits)")
     src.add_argument("--model", help="a timm model name (DeiT/ViT or Swin)")
@@ -609,7 +611,39 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--a-bits", type=int, choices=SUPPORTED_BITS, help="activation bits (default: --bits)")
     p.add_argument("--layers", action="store_true", help="print every layer")
     p.add_argument("--json", help="also write the report (with every layer) here")
+    a = p.add_argument_group("attention diagnostics (--ckpt of a quantized student)")
+    a.add_argument("--attention", action="store_true",
+                   help="per attention block: entropy of the quantized q/k codes, KL of the attention rows from the "
+                        "teacher's, attention distance of student and teacher, DGD distance (JSON key 'attention', "
+                        "and a PNG beside --json)")
+    a.add_argument("--teacher", help="the FP teacher the student was trained from (our FP checkpoint, or a timm "
+                   "weights file of the student's model)")
+    a.add_argument("--data", default="fashion-mnist", help="fashion-mnist (test split), photos, or an image folder")
+    a.add_argument("--images", type=_int_in(1), default=1000, help="how many images (default 1000)")
+    a.add_argument("--dgd-form", choices=("cosine", "gram-row", "gram"),
+                   help="the form of the 'dgd' field (default: the student's recipe's, else cosine; every form is in "
+                        "'dgd_forms')")
     return p
+
+
+def _attention_report(args, model) -> dict:
+    """qvit-report --attention: the diagnostics of ``model`` (a quantized checkpoint) against --teacher."""
+    from .attention import attention_diagnostics, table
+    from .checkpoint import load_model_file
+    from .data import parity_images
+
+    if getattr(model, "qvit_config", None) is None:
+        raise QvitError(f"--attention needs a quantized student: {args.ckpt} is an FP model (give it as --teacher)")
+    source = model.qvit_source
+    teacher = load_model_file(args.teacher, source["name"], source["kwargs"])
+    recipe = (model.qvit_checkpoint["extra"].get("recipe") or {})
+    form = args.dgd_form or recipe.get("dgd_form", "cosine")
+    images, what = parity_images(args.data, model, args.images, flag="--data")
+    entries = attention_diagnostics(model, teacher, images, dgd_form=form)
+    print(f"attention of {args.ckpt} against the teacher {args.teacher} on {what}:")
+    print(table(entries))
+    return {"teacher": str(args.teacher), "data": args.data, "images": int(images.shape[0]), "dgd_form": form,
+            "attention": entries}
 
 
 def report_main(argv=None) -> int:
@@ -617,10 +651,16 @@ def report_main(argv=None) -> int:
     from .config import QuantConfig
     from .report import report
 
+    if args.attention and not (args.ckpt and args.teacher):
+        raise QvitError("--attention compares a quantized student with its FP teacher: give --ckpt STUDENT and "
+                        "--teacher TEACHER")
+    if not args.attention and args.teacher:
+        raise QvitError("--teacher is for --attention: add --attention, or drop --teacher")
+    plot_path = Path(args.json).with_suffix(".png") if args.attention and args.json else None
     if args.json:
         from .transaction import check_paths
 
-        check_paths({"--json": args.json}, {"--ckpt": args.ckpt})
+        check_paths({"--json": args.json, "plot": plot_path}, {"--ckpt": args.ckpt, "--teacher": args.teacher})
     if args.ckpt:
         from .checkpoint import load_checkpoint
 
@@ -649,10 +689,19 @@ def report_main(argv=None) -> int:
     print(f"{name} {bits}: FP {s['fp_gflops']:.3f} GFLOPs -> OPs {s['ops_g']:.3f} G ({s['ops_reduction']:.2f}x fewer), "
           f"BOPs/64 {s['bops64_g']:.3f} G ({s['bops_reduction']:.2f}x); size {s['fp_mb']:.2f} MB -> {s['q_mb']:.2f} MB "
           f"({s['size_reduction']:.2f}x)")
+    data = result.to_dict()
+    if args.attention:
+        data |= _attention_report(args, model)
     if args.json:
         from .atomic import write_text
 
-        write_text(args.json, json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        write_text(args.json, json.dumps(data, indent=2, allow_nan=False))
+        if plot_path is not None:
+            from .attention import plot
+
+            plot(data["attention"], plot_path, title=f"{Path(args.ckpt).name} against {Path(args.teacher).name} "
+                                                     f"({data['images']} images of {args.data})")
+            print(f"wrote {args.json} and {plot_path}")
     return 0
 
 

@@ -19,6 +19,20 @@ DEFAULT_IRM = "head"
 # What irm=True meant in files saved before they named the variant (checkpoints, a run's recipe.yaml): the paper's.
 SAVED_TRUE_IRM = "token"
 
+# Which quantizers of the transformer blocks are on, by group (the paper's bottleneck analysis quantizes one group
+# at a time). 'mlp': fc1/fc2 weights and inputs; 'mhsa_weights': qkv/proj weights; 'mhsa_acts': the attention's
+# own activations, q, k, v and the attention probabilities (the issue's list of "MHSA activations");
+# 'mhsa_inputs': the inputs of qkv and proj (the LayerNorm output and the attention output), kept apart so that
+# "MHSA activations" means what the two matmuls of attention see and nothing else. The patch embedding and the
+# head (keep_8bit) are always quantized at edge_bits. A group left out keeps its quantizers off for good: in
+# training, evaluation and calibration alike (such a model is for analysis and cannot be exported).
+QUANT_GROUPS = ("mlp", "mhsa_weights", "mhsa_inputs", "mhsa_acts")
+
+# DGD's similarity matrix (distill.py says what each computes); recipe key dgd_form.
+DGD_FORMS = ("cosine", "gram-row", "gram")
+# What a run saved before recipes named the form trained, whatever the default is now (recipe.with_defaults).
+SAVED_DGD_FORM = "cosine"
+
 
 def check_bits(name: str, bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
@@ -41,6 +55,7 @@ class QuantConfig:
     edge_bits: int = 8
     keep_8bit: tuple[str, ...] = ("patch_embed", "head", "head_dist")
     calibration: str = "mse"
+    groups: tuple[str, ...] = QUANT_GROUPS  # which block quantizers are on (QUANT_GROUPS): all by default
 
     def __post_init__(self):
         for f in ("w_bits", "a_bits", "edge_bits"):
@@ -63,6 +78,20 @@ class QuantConfig:
             raise QvitError(f"keep_8bit={shown(self.keep_8bit)} must be a list of module names such as "
                             "['patch_embed', 'head']")
         object.__setattr__(self, "keep_8bit", keep)
+        groups = (self.groups,) if isinstance(self.groups, str) else self.groups
+        try:
+            groups = tuple(groups)
+        except TypeError:
+            groups = (groups,)
+        unknown = [g for g in groups if g not in QUANT_GROUPS]
+        if unknown or not groups or len(set(groups)) != len(groups):
+            raise QvitError(f"groups={self.groups!r}: give one or more distinct quantizer groups of "
+                            f"{', '.join(QUANT_GROUPS)}")
+        object.__setattr__(self, "groups", tuple(g for g in QUANT_GROUPS if g in groups))  # one order: hashable
+
+    @property
+    def all_groups(self) -> bool:
+        return self.groups == QUANT_GROUPS
 
     def is_edge(self, module_name: str) -> bool:
         """Whether the layer is one of the first/last layers kept at ``edge_bits``."""
@@ -73,8 +102,14 @@ class QuantConfig:
         return (self.edge_bits, self.edge_bits) if self.is_edge(module_name) else (self.w_bits, self.a_bits)
 
     def to_dict(self) -> dict:
+        """The config as plain data. ``groups`` is written only when it is not all of them, so a fully quantized
+        model's checkpoint and ONNX metadata read as they did before groups existed."""
         d = asdict(self)
         d["keep_8bit"] = list(self.keep_8bit)
+        if self.all_groups:
+            del d["groups"]
+        else:
+            d["groups"] = list(self.groups)
         return d
 
     @classmethod

@@ -1,12 +1,17 @@
 """Distribution-Guided Distillation (DGD, Q-ViT §3.3): match the student's query and key similarity
 structure to the full-precision teacher's.
 
-For every attention layer l and head h, with rows ℓ2-normalised over head_dim:
-    G_q = q̂ q̂ᵀ and G_k = k̂ k̂ᵀ   (N × N over tokens)
+For every attention layer l and head h, a similarity matrix G (N × N over tokens) of q and of k, in one of three
+forms (``DGD_FORMS``, recipe key ``dgd_form``):
+    'cosine'    rows of q ℓ2-normalised over head_dim first, then G = q̂ q̂ᵀ (token-by-token cosines; ours, and
+                what every run before the forms existed trained);
+    'gram-row'  G = q qᵀ, then each row of G ℓ2-normalised: the similarity-preserving distillation form (Tung &
+                Mori, 2019) that the paper cites for its "G = q·qᵀ, then ℓ2 normalisation";
+    'gram'      G = q qᵀ, then the whole matrix ℓ2 (Frobenius) normalised, as one public re-implementation reads it;
     L_DGD = Σ_l Σ_h ‖G_q^S − G_q^T‖₂ + ‖G_k^S − G_k^T‖₂   (Frobenius norm; mean over the batch)
 The student's q and k are what its attention multiplies: the outputs of its q/k quantizers (after IRM and,
-for q, the folded 1/sqrt(d) scale, which the row normalisation removes). The teacher is the FP model in the same
-quantizable form with every quantizer off, so the same taps exist on both sides.
+for q, the folded 1/sqrt(d) scale, which every form's normalisation removes). The teacher is the FP model in the
+same quantizable form with every quantizer off, so the same taps exist on both sides.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DGD_FORMS
+from .errors import QvitError
 from .layers import QuantAttentionMixin
 
 
@@ -45,20 +52,35 @@ class QKTap:
             attn.force_explicit = False
 
 
-def similarity(x: torch.Tensor) -> torch.Tensor:
-    """Token-by-token cosine similarity per head: [B, H, N, D] → [B, H, N, N].
-
-    A row quantized to all zeros (common at 2 bits) has no direction: its similarities are 0 and it passes no
-    gradient. (F.normalize would divide by its eps there and send 1e12-sized gradients into the model.)
-    """
-    with torch.autocast(x.device.type, enabled=False):  # cosines in float32 under AMP too
-        x = x.float()
-        norm = x.norm(dim=-1, keepdim=True)
-        x = torch.where(norm > 0, x / norm.clamp_min(1e-12), torch.zeros_like(x))
-        return x @ x.transpose(-2, -1)
+def _normalised(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``x`` divided by its ℓ2 norm over ``dims``; where that norm is 0 (a row or matrix quantized to all zeros,
+    common at 2 bits) the result is 0 and passes no gradient. (F.normalize would divide by its eps there and send
+    1e12-sized gradients into the model.)"""
+    norm = x.norm(dim=dims, keepdim=True)
+    return torch.where(norm > 0, x / norm.clamp_min(1e-12), torch.zeros_like(x))
 
 
-def dgd_loss(student: QKTap, teacher: QKTap) -> torch.Tensor:
+def similarity(x: torch.Tensor, form: str = "cosine") -> torch.Tensor:
+    """The DGD similarity matrix per head (the module docstring's forms): [B, H, N, D] → [B, H, N, N]. Computed in
+    float32 under AMP too (float64 stays float64)."""
+    if form not in DGD_FORMS:
+        raise QvitError(f"dgd_form={form!r} is unknown: choose one of {', '.join(DGD_FORMS)}")
+    with torch.autocast(x.device.type, enabled=False):
+        x = x if x.dtype == torch.float64 else x.float()
+        if form == "cosine":
+            x = _normalised(x, (-1,))
+            return x @ x.transpose(-2, -1)
+        gram = x @ x.transpose(-2, -1)
+        return _normalised(gram, (-1,) if form == "gram-row" else (-2, -1))
+
+
+def layer_distance(student: torch.Tensor, teacher: torch.Tensor, form: str = "cosine") -> torch.Tensor:
+    """Σ_h ‖G^S − G^T‖_F for one layer's q (or k), averaged over the batch; no gradient into the teacher."""
+    diff = similarity(student, form) - similarity(teacher.detach(), form)
+    return diff.flatten(2).norm(dim=-1).sum(dim=1).mean()
+
+
+def dgd_loss(student: QKTap, teacher: QKTap, form: str = "cosine") -> torch.Tensor:
     """L_DGD over all layers and heads, averaged over the batch; the teacher side carries no gradient."""
     if len(student.q) != len(teacher.q) or len(student.k) != len(teacher.k):
         raise ValueError(f"student has {len(student.q)} attention layers tapped, teacher {len(teacher.q)}: "
@@ -66,8 +88,7 @@ def dgd_loss(student: QKTap, teacher: QKTap) -> torch.Tensor:
     total = student.q[0].new_zeros((), dtype=torch.float32)
     for s_side, t_side in ((student.q, teacher.q), (student.k, teacher.k)):
         for s, t in zip(s_side, t_side, strict=True):
-            diff = similarity(s) - similarity(t.detach())
-            total = total + diff.flatten(2).norm(dim=-1).sum(dim=1).mean()
+            total = total + layer_distance(s, t, form)
     return total
 
 

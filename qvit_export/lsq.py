@@ -43,6 +43,8 @@ class LSQQuantizer(nn.Module):
     ``step_shape`` is ``()`` for a per-tensor quantizer, or the shape that broadcasts one step per output
     channel over a weight (``(C_out, 1)`` for Linear, ``(C_out, 1, 1, 1)`` for Conv2d). Until calibration sets
     the step (``initialized``), an enabled quantizer refuses to run. ``enabled = False`` makes it the identity.
+    ``excluded`` (set by ``quantize`` for a group that ``QuantConfig.groups`` leaves out) keeps it the identity
+    for good: ``enabled`` then reads False whatever is assigned to it.
     """
 
     def __init__(self, bits: int, step_shape: tuple[int, ...] = (), signed: bool = True, name: str = ""):
@@ -50,9 +52,18 @@ class LSQQuantizer(nn.Module):
         self.bits = check_bits("bits", bits)
         self.signed = bool(signed)
         self.name = name
+        self.excluded = False
         self.enabled = True
         self.initialized = False
         self.step = nn.Parameter(torch.ones(step_shape))
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled and not self.excluded
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
 
     @property
     def per_channel(self) -> bool:
@@ -117,4 +128,5 @@ class LSQQuantizer(nn.Module):
         kind = "per-channel" if self.per_channel else "per-tensor"
         sign = "signed" if self.signed else "unsigned"
         state = "" if self.initialized else ", uncalibrated"
-        return f"bits={self.bits}, {kind}, {sign}, codes=[{self.qmin}, {self.qmax}]{state}" + ("" if self.enabled else ", off")
+        off = ", excluded" if self.excluded else ("" if self.enabled else ", off")
+        return f"bits={self.bits}, {kind}, {sign}, codes=[{self.qmin}, {self.qmax}]{state}" + off

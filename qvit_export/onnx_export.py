@@ -421,6 +421,10 @@ def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
         if isinstance(mod, LSQQuantizer):
             if not mod.initialized:
                 raise QvitError(f"quantizer '{name}' is uncalibrated: calibrate or train the model before export")
+            if mod.excluded:
+                raise QvitError(f"quantizer '{name}' is left out by this model's quantizer groups "
+                                f"({', '.join(cfg.groups)}): a partly quantized model is for analysis; export a "
+                                "model quantized in every group")
             if not mod.enabled:
                 raise QvitError(f"quantizer '{name}' is switched off: enable every quantizer before export")
             if mod.per_channel and not name.endswith("weight_quantizer") and not options.weight_only:

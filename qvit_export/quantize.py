@@ -51,8 +51,33 @@ def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Mo
         elif name.endswith(".attn") and kind not in (QuantAttention, QuantWindowAttention):
             raise QvitError(f"cannot quantize attention '{name}' of type {kind.__name__}: only timm's Attention "
                             "and Swin's WindowAttention are supported")
+    _exclude_groups(model, cfg)
     model.qvit_config = cfg
     return model
+
+
+def quantizer_group(model: nn.Module, name: str) -> str | None:
+    """The QUANT_GROUPS name of the quantizer called ``name`` in a quantized model, or None for one outside the
+    blocks' MHSA and MLP (the 8-bit patch embedding and head, Swin's patch merging), which every config keeps."""
+    owner, _, part = name.rpartition(".")
+    cfg = getattr(model, "qvit_config", None)
+    if cfg is not None and cfg.is_edge(owner):
+        return None
+    parent_name, _, leaf = owner.rpartition(".")
+    if part in ("q_quantizer", "k_quantizer", "v_quantizer", "attn_quantizer"):
+        return "mhsa_acts"
+    if leaf in ("qkv", "proj") and isinstance(model.get_submodule(parent_name), (QuantAttention, QuantWindowAttention)):
+        return "mhsa_weights" if part == "weight_quantizer" else "mhsa_inputs"
+    if leaf in ("fc1", "fc2") and parent_name.rpartition(".")[2] == "mlp":
+        return "mlp"
+    return None
+
+
+def _exclude_groups(model: nn.Module, cfg: QuantConfig) -> None:
+    model.qvit_config = cfg  # quantizer_group reads the edge layers from it
+    for name, q in quantizers(model):
+        group = quantizer_group(model, name)
+        q.excluded = group is not None and group not in cfg.groups
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, LSQQuantizer]]:

@@ -10,7 +10,8 @@ import math
 import re
 from pathlib import Path
 
-from .config import CALIBRATION_METHODS, DEFAULT_IRM, IRM_VARIANTS, SAVED_TRUE_IRM, check_bits
+from .config import (CALIBRATION_METHODS, DEFAULT_IRM, DGD_FORMS, IRM_VARIANTS, QUANT_GROUPS, SAVED_DGD_FORM,
+                     SAVED_TRUE_IRM, check_bits)
 from .errors import QvitError
 from .untrusted import shown
 
@@ -30,12 +31,15 @@ DEFAULTS: dict = {
     "calibration_set": None, # a manifest (path or shipped name); None: draw calibration_images from the training
     "calibration_images": 1024,  # data, class-balanced, with the seed (written to the run as calibration.json)
     "irm_steps": 100,
+    "quant_groups": None,    # null: every group; or a list of QUANT_GROUPS names (the bottleneck analysis quantizes
+                             # one group of the blocks' quantizers at a time; such a student cannot be exported)
     # losses: CE + logit distillation from the teacher + DGD
     "label_smoothing": 0.0,
     "distill": "soft",       # none | soft (KL at temperature tau) | hard (teacher's argmax)
     "distill_weight": 0.5,   # share of the logit-distillation term (DeiT's alpha); 0.5/0.5 on a distillation token
     "distill_tau": 1.0,
     "dgd": True, "dgd_weight": 1.0,
+    "dgd_form": "cosine",    # cosine | gram-row | gram (config.DGD_FORMS; distill.py has the formulas)
     # optimisation
     "optimizer": "adamw",    # adamw | lamb
     "lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_epochs": 0.0,
@@ -57,7 +61,7 @@ AUGMENT_DEFAULTS = {"hflip": 0.5, "crop_padding": 2, "scale": [0.08, 1.0], "colo
                     "auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25}
 
 CHOICES = {"mode": ("fp", "qat"), "distill": ("none", "soft", "hard"), "optimizer": ("adamw", "lamb"),
-           "amp_dtype": ("bfloat16", "float16"), "calibration": CALIBRATION_METHODS}
+           "amp_dtype": ("bfloat16", "float16"), "calibration": CALIBRATION_METHODS, "dgd_form": DGD_FORMS}
 
 def shipped_recipes() -> Path:
     """The recipes shipped with the package: the checkout's models/ (linked as qvit_export/recipes), package data
@@ -174,12 +178,15 @@ def load_recipe(spec: str | None, overrides: dict | None = None) -> dict:
 def with_defaults(saved: dict) -> dict:
     """A recipe as a run saved it, with the keys added since at their defaults: the same training, so a run
     saved before a key existed is still the run of today's recipe. A QAT run saved with ``irm: true`` (before runs
-    named their variant) trained SAVED_TRUE_IRM, whatever DEFAULT_IRM is now."""
+    named their variant) trained SAVED_TRUE_IRM, whatever DEFAULT_IRM is now; one saved before ``dgd_form``
+    existed trained SAVED_DGD_FORM, whatever the default form is now."""
     if not isinstance(saved, dict):
         raise QvitError("the saved recipe is not a mapping of keys to values: the checkpoint is damaged")
     recipe = copy.deepcopy(DEFAULTS) | copy.deepcopy(saved)
     if recipe["mode"] == "qat" and recipe["irm"] is True:
         recipe["irm"] = SAVED_TRUE_IRM
+    if "dgd_form" not in saved:
+        recipe["dgd_form"] = SAVED_DGD_FORM
     return recipe
 
 
@@ -230,6 +237,15 @@ def validate(recipe: dict) -> dict:
     if not isinstance(recipe["irm"], bool) and recipe["irm"] not in IRM_VARIANTS:
         raise QvitError(f"irm={shown(recipe['irm'])} must be true ({DEFAULT_IRM}), false or one of "
                         f"{', '.join(IRM_VARIANTS)}")
+    groups = recipe["quant_groups"]
+    if groups is not None:
+        groups = [groups] if isinstance(groups, str) else groups
+        if not isinstance(groups, list) or not groups or any(g not in QUANT_GROUPS for g in groups) \
+                or len(set(groups)) != len(groups):
+            raise QvitError(f"quant_groups={shown(recipe['quant_groups'])} must be null (all) or a list of distinct names "
+                            f"of {', '.join(QUANT_GROUPS)}")
+        # one order, and null for all of them: the same training is written the same way
+        recipe["quant_groups"] = None if set(groups) == set(QUANT_GROUPS) else [g for g in QUANT_GROUPS if g in groups]
     if recipe["mode"] == "qat" and recipe["irm"] is True:
         recipe["irm"] = DEFAULT_IRM  # the run records the variant it trains: a later default cannot make it stale
     clip = recipe["clip_grad"]
@@ -281,8 +297,10 @@ def hub_download(recipe: dict) -> str | None:
 def quant_config(recipe: dict):
     from .config import QuantConfig
 
+    groups = recipe.get("quant_groups")
     return QuantConfig(w_bits=recipe["w_bits"], a_bits=recipe["a_bits"], irm=recipe["irm"],
-                       edge_bits=recipe["edge_bits"], calibration=recipe["calibration"])
+                       edge_bits=recipe["edge_bits"], calibration=recipe["calibration"],
+                       **({"groups": tuple(groups)} if groups else {}))
 
 
 def to_yaml(recipe: dict) -> str:

@@ -318,7 +318,7 @@ class Trainer:
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
-            dgd = dgd_loss(student_tap, teacher_tap) if self.use_dgd else None
+            dgd = dgd_loss(student_tap, teacher_tap, r["dgd_form"]) if self.use_dgd else None
         logits, dist_logits = out if isinstance(out, tuple) else (out, None)
         ce = F.cross_entropy(logits.float(), y, label_smoothing=r["label_smoothing"])
         parts = {"ce": ce.detach()}
