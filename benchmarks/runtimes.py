@@ -15,8 +15,10 @@ drawn small and non-zero, as in a trained model, since onnxsim removes an Add of
 Runtimes (RUNTIMES): ONNX Runtime CPU (its default session: every graph optimisation; for weight-only graphs also
 at the MatMulNBits accuracy level the project chooses, parity.ORT_MATMULNBITS_ACCURACY_LEVEL) and OpenVINO CPU
 (``INFERENCE_PRECISION_HINT=f32``, latency hint, static batch), where installed (the ``bench`` extra). Batches 1 and
-32; for one model and batch every (runtime, variant) runs in interleaved rounds, so machine noise hits them alike;
-the tables give medians and ratios from one run (nothing else may run meanwhile: DESIGN notes, "Measuring").
+32; for one model, batch and runtime every variant runs once per round, rounds interleaved, so machine noise hits
+them alike (one runtime after another: two runtimes' thread pools would compete); the tables give medians and
+ratios from one run (nothing else may run meanwhile: two processes that each use all cores slow each other far
+more than twice).
 
 Agreement: the demo ViT (its teacher trained by ``make demo``, or the test suite's), W8A8 and W4A4 PTQ on the shipped
 Fashion-MNIST calibration set, every precision on the 10,000 test images: top-1 accuracy and top-1 agreement with
@@ -71,7 +73,10 @@ def register_runtime(cls):
 
 @register_runtime
 class OnnxRuntime:
-    """ONNX Runtime's CPU provider as a user gets it: every graph optimisation, default threads."""
+    """ONNX Runtime's CPU provider as a user gets it: every graph optimisation, default threads. One setting differs:
+    its threads stop spinning when a run ends (``session.force_spinning_stop``). Interleaved with other sessions,
+    a session's threads otherwise spin on after its run and take the cores from the next one: deit_small FP32 at
+    batch 1 measured 101 ms so and 64 ms with the setting (2026-12-03); a single session of a user never meets that."""
 
     name = "onnxruntime"
 
@@ -91,6 +96,7 @@ class OnnxRuntime:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         for key, value in (config or {}).items():
             opts.add_session_config_entry(key, value)
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -174,23 +180,23 @@ def variants(paths: dict[str, Path], runtime: str) -> dict[str, tuple[Path, dict
 
 
 def measure(paths: dict[str, Path], runtimes: list[str], batch: int, rounds: int, images: np.ndarray) -> dict:
-    """{runtime: {variant: median ms}} at ``batch``, every (runtime, variant) interleaved in each round."""
+    """{runtime: {variant: median ms}} at ``batch``: one runtime after the other (two runtimes' thread pools would
+    compete), within a runtime every variant once per round, so the machine's noise hits them alike."""
     x = np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])).astype(np.float32))
-    runs = {}
-    for runtime in runtimes:
-        for label, (path, config) in variants(paths, runtime).items():
-            runs[runtime, label] = RUNTIMES[runtime].load(path, batch, config)
-    for run in runs.values():  # warm-up
-        run(x)
-    times = {key: [] for key in runs}
-    for _ in tqdm(range(rounds), desc=f"batch {batch}", unit="round", leave=False):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run(x)
-            times[key].append(1e3 * (time.perf_counter() - start))
     out: dict = {}
-    for (runtime, label), t in times.items():
-        out.setdefault(runtime, {})[label] = round(statistics.median(t), 3)
+    for runtime in runtimes:
+        runs = {label: RUNTIMES[runtime].load(path, batch, config)
+                for label, (path, config) in variants(paths, runtime).items()}
+        for run in runs.values():  # warm-up
+            run(x)
+        times = {label: [] for label in runs}
+        for _ in tqdm(range(rounds), desc=f"{runtime} batch {batch}", unit="round", leave=False):
+            for label, run in runs.items():
+                start = time.perf_counter()
+                run(x)
+                times[label].append(1e3 * (time.perf_counter() - start))
+        out[runtime] = {label: round(statistics.median(t), 3) for label, t in times.items()}
+        del runs
     return out
 
 
@@ -326,8 +332,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--runtimes", nargs="+", default=[r for r in RUNTIMES if RUNTIMES[r].available()])
-    parser.add_argument("--rounds", type=int, default=15, help="rounds at batch 1 (batch 32: a third, at least 5)")
-    parser.add_argument("--check", action="store_true", help="re-measure (7/3 rounds) and compare with the baseline")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds at batch 1 (batch 32: a fourth, at least 5)")
+    parser.add_argument("--check", action="store_true", help="re-measure (15/5 rounds) and compare with the baseline")
     parser.add_argument("--tolerance", type=float, default=0.15)
     parser.add_argument("--update-baseline", action="store_true")
     parser.add_argument("--no-agreement", action="store_true")
@@ -337,7 +343,7 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: runtime(s) {', '.join(missing)} not installed: pip install -e '.[bench]'", file=sys.stderr)
         return 2
-    rounds = {"1": 7 if args.check else args.rounds, "32": 3 if args.check else max(5, args.rounds // 3)}
+    rounds = {"1": 15 if args.check else args.rounds, "32": 5 if args.check else max(5, args.rounds // 4)}
     import onnx
     import onnxruntime
 

@@ -114,16 +114,15 @@ class BlendIRMNorm(IRMNorm):
 
 def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v as [B, heads, N, head_dim] from a qkv projection [B, N, 3·heads·head_dim], heads first: the tokens go
-    to [B, 3·heads, N, head_dim] in one transpose, then three slices of ``heads`` each. The same values as timm's
-    ``reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)`` (data movement only), in the form every runtime
-    keeps as one integer GEMM (measured 2026-12-03, DeiT-Ti W8A8 without IRM, TensorRT-RTX 1.7 for SM89): timm's
-    order, or a split by channel first, led Myelin to move the head permutation into the GEMM's weight, which it then
-    dequantized on every inference (12 float GEMMs, 12 weight casts, 233 kernels); heads first, all 74 quantized
-    layers are INT8 GEMMs in 198 kernels. Slices, not ``split``: ONNX's version converter has no way from opset
-    18's Split down to 17."""
+    to [B, 3·heads, N, head_dim] in one transpose, which is then viewed as [B, 3, heads, N, head_dim] and unbound.
+    The same values as timm's ``reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)`` (data movement only),
+    in the form every runtime keeps as one integer GEMM (measured 2026-12-03, W8A8 without IRM, TensorRT-RTX 1.7 for
+    SM89): timm's order, or a split by channel first, led Myelin to move the head permutation into the GEMM's weight,
+    which it then dequantized on every inference (DeiT-Ti: 12 float GEMMs, 12 weight casts, 233 kernels); heads
+    first, all 74 quantized layers are INT8 GEMMs in 198 kernels. ONNX Runtime reads the unbind as one Split (three
+    Slices of the heads axis stayed three kernels)."""
     B, N, _ = qkv.shape
-    t = qkv.reshape(B, N, 3 * heads, -1).transpose(1, 2)
-    return t[:, :heads], t[:, heads:2 * heads], t[:, 2 * heads:]
+    return qkv.reshape(B, N, 3 * heads, -1).transpose(1, 2).reshape(B, 3, heads, N, -1).unbind(1)
 
 
 class QuantAttentionMixin:
