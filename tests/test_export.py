@@ -1,7 +1,7 @@
 """qvit-export's graph: QDQ structure, stored codes, onnxsim, parity through ONNX Runtime, TensorRT-RTX engines.
 
 DeiT-tiny and Swin-tiny are random-init, calibrated on real photographs; the demo ViT is trained on
-Fashion-MNIST and checked on all 10,000 test images.
+Fashion-MNIST and checked on its test images (all 10,000 at 8 and 4 bits).
 """
 import json
 
@@ -123,13 +123,18 @@ def test_onnxsim_keeps_every_qdq_node(photo_exports, tmp_path):
     assert len(simple.graph.node) < len(plain.graph.node)  # onnxsim did simplify
 
 
+# The widths users deploy are checked on all 10,000 test images; 3 and 2 bits on the first 2,000 (one flipped
+# prediction is still 0.05%, half the 0.1% allowed), which keeps the suite within its time (about 50 s each).
+PARITY_IMAGES = {8: 10_000, 4: 10_000, 3: 2_000, 2: 2_000}
+
+
 @pytest.mark.parametrize("bits", BITS)
 def test_fashion_mnist_parity_on_10000_images(bits, fmnist_exports, fmnist_test, figures):
     qm, path = fmnist_exports[bits]
     _counts_match_quantizers(onnx.load(str(path)), qm)
-    report = compare(qm, path, fmnist_test.tensors[0], progress=False)
+    report = compare(qm, path, fmnist_test.tensors[0][:PARITY_IMAGES[bits]], progress=False)
     figures(f"W{bits}A{bits} demo ViT: {report.table(rows=3)}")
-    assert report.images == 10_000
+    assert report.images == PARITY_IMAGES[bits]
     assert report.failures() == []
 
 
@@ -141,7 +146,7 @@ def _int4_dq(graph):
 
 def test_int4_weights_are_block_quantized_int4(fmnist_exports, fmnist_test, figures):
     """Blocks of 64 along K (TensorRT's documented form), the per-channel step repeated in every block: the stored
-    values and the parity on all 10,000 test images are those of the INT8 export."""
+    values are those of the INT8 export, and parity holds on 2,000 test images."""
     from onnx import numpy_helper
 
     qm, _ = fmnist_exports[4]
@@ -157,9 +162,9 @@ def test_int4_weights_are_block_quantized_int4(fmnist_exports, fmnist_test, figu
         assert (inits[n.input[1]] == inits[n.input[1]][:1]).all()  # one step per channel, repeated per block
     assert graph.opset_import[0].version == 21
     _stored_weights_equal_forward(graph, qm)
-    report = compare(qm, path, fmnist_test.tensors[0], progress=False)
+    report = compare(qm, path, fmnist_test.tensors[0][:2000], progress=False)  # the INT8 export has all 10,000
     figures(f"int4 (block 64) demo ViT: {report.table(rows=1)}")
-    assert report.images == 10_000 and report.weights_identical and report.failures() == []
+    assert report.images == 2000 and report.weights_identical and report.failures() == []
 
 
 def test_int4_block_128_keeps_narrow_layers_int8(fmnist_exports):
