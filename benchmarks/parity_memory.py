@@ -68,7 +68,12 @@ def main(argv=None) -> int:
                 onnx = Path(tmp) / f"{name}_{budget}.onnx"
                 code, peak, seconds, last = run([str(Path(python).parent / "qvit-export"), "--ckpt", str(ckpt),
                                                  "--onnx", str(onnx), "--parity-data", "photos",
-                                                 "--parity-memory", str(budget)], env)
+                                                 "--parity-memory", str(budget),
+                                                 # random weights leave a ViT's 1,000 logits near ties, so top-1
+                                                 # agreement means little here (random-init ViT-B/384: 88% on the
+                                                 # 17 photographs while every code check passed); codes still count
+                                                 "--min-top1-agreement", "0"], env)
+                last = last.replace(tmp + os.sep, "")
                 report = json.loads(onnx.with_suffix(".parity.json").read_text()) if code == 0 else {}
                 row = {"model": name, "tokens": int(tokens), "budget_mb": budget, "exit": code,
                        "peak_rss_mb": round(peak), "seconds": round(seconds, 1),
@@ -78,9 +83,12 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
     import torch
 
+    out = Path(args.out)
+    previous = out / "parity_memory.json"  # rows of models not measured in this run are kept
+    if previous.is_file():
+        rows = [r for r in json.loads(previous.read_text())["rows"] if r["model"] not in args.models] + rows
     results = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                "torch": torch.__version__, "rows": rows}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "parity_memory.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "parity_memory.md").write_text(markdown(results))
@@ -92,7 +100,8 @@ def markdown(results: dict) -> str:
     lines = [f"# Parity memory ({results['date']})", "",
              f"Machine: {results['machine']}; torch {results['torch']}. `qvit-export --ckpt CKPT --onnx OUT "
              "--parity-data photos --parity-memory B` on W8A8 PTQ checkpoints (random init, calibrated on the 17 "
-             "photographs); peak resident memory of the command, from the kernel.", "",
+             "photographs; top-1 agreement not required: random weights give near-tied logits, the codes are still checked); "
+             "peak resident memory of the command, from the kernel.", "",
              "| model | tokens | --parity-memory MB | images per chunk | peak RSS MB | seconds | exit |",
              "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
