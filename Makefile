@@ -36,7 +36,7 @@ probe-teacher: install
 ablation: install
 	$(PY) benchmarks/ablation_long.py
 
-# CPU runtimes side by side (ONNX Runtime, OpenVINO): the full table, or a few minutes' re-measure of the ratios
+# CPU runtimes side by side (ONNX Runtime, OpenVINO): the full table, or a few minutes' re-measure of deit_small's ratios
 # against benchmarks/results/runtimes_baseline.json that names every ratio now worse than its baseline.
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,trt-rtx,bench]'
