@@ -75,7 +75,8 @@ def main(argv=None) -> int:
                                                  "--min-top1-agreement", "0"], env)
                 last = last.replace(tmp + os.sep, "")
                 report = json.loads(onnx.with_suffix(".parity.json").read_text()) if code == 0 else {}
-                row = {"model": name, "tokens": int(tokens), "budget_mb": budget, "exit": code,
+                row = {"model": name, "date": date.today().isoformat(), "tokens": int(tokens), "budget_mb": budget,
+                       "exit": code,
                        "peak_rss_mb": round(peak), "seconds": round(seconds, 1),
                        "images": report.get("images"), "top1_agreement": report.get("top1_agreement"),
                        "chunk": report.get("images_per_chunk"), "last_line": last if code else None}
@@ -100,12 +101,12 @@ def markdown(results: dict) -> str:
     lines = [f"# Parity memory ({results['date']})", "",
              f"Machine: {results['machine']}; torch {results['torch']}. `qvit-export --ckpt CKPT --onnx OUT "
              "--parity-data photos --parity-memory B` on W8A8 PTQ checkpoints (random init, calibrated on the 17 "
-             "photographs; top-1 agreement not required: random weights give near-tied logits, the codes are still checked); "
-             "peak resident memory of the command, from the kernel.", "",
-             "| model | tokens | --parity-memory MB | images per chunk | peak RSS MB | seconds | exit |",
-             "|---|---|---|---|---|---|---|"]
+             "photographs; top-1 agreement not required: random weights give near-tied logits, the codes are still "
+             "checked); peak resident memory of the command, from the kernel; each row dated.", "",
+             "| model | date | tokens | --parity-memory MB | images per chunk | peak RSS MB | seconds | exit |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
-        lines.append(f"| {r['model']} | {r['tokens']} | {r['budget_mb']} | {r['chunk'] if r['chunk'] else ''} | "
+        lines.append(f"| {r['model']} | {r.get('date', results['date'])} | {r['tokens']} | {r['budget_mb']} | {r['chunk'] if r['chunk'] else ''} | "
                      f"{r['peak_rss_mb']} | {r['seconds']} | {r['exit']}{' ' + r['last_line'] if r['exit'] else ''} |")
     return "\n".join(lines) + "\n"
 

@@ -25,8 +25,8 @@ Fashion-MNIST calibration set, every precision on the 10,000 test images: top-1 
 the PyTorch model (activation quantizers off for weight-only) in each runtime at its default settings.
 
 Baseline: ``benchmarks/results/runtimes_baseline.json`` holds the ratios of a full run; ``--check`` measures them
-again for deit_small with fewer rounds at batch 32 (a few minutes, no agreement part) and exits 1 naming each ratio that got worse than its
-baseline by more than ``--tolerance`` (relative, default 0.15: 2-core machines are noisy).
+again for deit_small with fewer rounds at batch 32 (a few minutes, no agreement part) and exits 1 naming each ratio
+that got worse than its baseline by more than ``--tolerance`` (relative, default 0.15: 2-core machines are noisy).
 """
 from __future__ import annotations
 

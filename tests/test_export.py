@@ -129,7 +129,7 @@ PARITY_IMAGES = {8: 10_000, 4: 10_000, 3: 2_000, 2: 2_000}
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_fashion_mnist_parity_on_10000_images(bits, fmnist_exports, fmnist_test, figures):
+def test_fashion_mnist_parity_on_the_test_images(bits, fmnist_exports, fmnist_test, figures):
     qm, path = fmnist_exports[bits]
     _counts_match_quantizers(onnx.load(str(path)), qm)
     report = compare(qm, path, fmnist_test.tensors[0][:PARITY_IMAGES[bits]], progress=False)

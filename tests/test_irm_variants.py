@@ -1,7 +1,7 @@
 """IRM variants (config.IRM_VARIANTS, layers.IRM_NORMS): 'token' (the paper's LayerNorm over head_dim), 'head'
 (statistics over tokens x head_dim) and 'blend' (a learned blend from identity). Each must leave timm's maths
-untouched when bypassed, survive a checkpoint, export with parity on 2,000 Fashion-MNIST test images (the default on all 10,000) and
-build an SM89 TensorRT-RTX plan with every quantized layer on INT8. The default (DEFAULT_IRM, 'head') is what the
+untouched when bypassed, survive a checkpoint, export with parity on 2,000 Fashion-MNIST test images (the default
+variant on all 10,000) and build an SM89 TensorRT-RTX plan with every quantized layer on INT8. The default (DEFAULT_IRM, 'head') is what the
 other export tests use (irm=True); the others are exported here."""
 import onnx
 import pytest
