@@ -33,6 +33,7 @@ from qvit_export.data import fashion_mnist, photo_batch  # noqa: E402
 from qvit_export.demo import calibration_batches  # noqa: E402
 from qvit_export.errors import QvitError  # noqa: E402
 from qvit_export.onnx_export import ExportOptions, export_onnx  # noqa: E402
+from qvit_export.parity import ort_session  # noqa: E402
 
 MODELOPT_VENV = Path(os.environ.get("QVIT_MODELOPT_VENV", ROOT / ".cache" / "peers" / "modelopt"))
 MODELOPT_SCRIPT = """
@@ -87,7 +88,16 @@ def modelopt(src: Path, dst: Path, mode: str, calib_file: Path) -> Path:
     return dst
 
 
-def session(path: Path):
+# Label suffix of a variant run in ONNX Runtime's default session rather than the project's: the two differ only in
+# MatMulNBits' accuracy level (4 by default, 1 in ours), so the weight-only INT4 graphs are measured both ways.
+ORT_DEFAULTS = " · ORT default session"
+
+
+def session(path: Path, label: str = ""):
+    """The session the project evaluates its exports with (every graph optimisation; MatMulNBits at the accuracy
+    level parity uses), or ONNX Runtime's default one for labels ending in ORT_DEFAULTS."""
+    if not label.endswith(ORT_DEFAULTS):
+        return ort_session(path)
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -95,8 +105,8 @@ def session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def top1(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
-    sess = session(path)
+def top1(path: Path, images: np.ndarray, labels: np.ndarray, label: str = "") -> float:
+    sess = session(path, label)
     name = sess.get_inputs()[0].name
     hits = sum(int((sess.run(None, {name: images[i:i + 500]})[0].argmax(1) == labels[i:i + 500]).sum())
                for i in range(0, len(images), 500))
@@ -105,7 +115,7 @@ def top1(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
 
 def latencies(paths: dict[str, Path], sample: np.ndarray, repeats: int) -> dict[str, dict[int, float]]:
     """Median ms per run at batch 1 and 32, the variants interleaved so they share the machine's noise."""
-    sessions = {k: session(p) for k, p in paths.items()}
+    sessions = {k: session(p, k) for k, p in paths.items()}
     times = {k: {1: [], 32: []} for k in paths}
     for batch in (1, 32):
         x = np.ascontiguousarray(sample[:batch])
@@ -137,11 +147,13 @@ def variants(model_name: str, work: Path, fp_model, calib: np.ndarray, qat_ckpt:
     w8 = calibrate(quantize(fp_model, QuantConfig(w_bits=8, a_bits=8, irm=False)), batches)
     out["ours W8A8 PTQ"] = export_onnx(w8, work / "ours_w8a8.onnx", ExportOptions(precision="int8"))
     if qat_ckpt is not None:
-        out["ours W4A4 QAT (INT4)"] = export_onnx(load_checkpoint(qat_ckpt), work / "ours_w4a4.onnx",
-                                                  ExportOptions(precision="int4"))
+        w4, how = load_checkpoint(qat_ckpt), "QAT"
     else:
-        w4 = calibrate(quantize(fp_model, QuantConfig(w_bits=4, a_bits=4, irm=False)), batches)
-        out["ours W4A4 PTQ (INT4)"] = export_onnx(w4, work / "ours_w4a4.onnx", ExportOptions(precision="int4"))
+        w4, how = calibrate(quantize(fp_model, QuantConfig(w_bits=4, a_bits=4, irm=False)), batches), "PTQ"
+    out[f"ours W4A4 {how} (INT4)"] = export_onnx(w4, work / "ours_w4a4.onnx", ExportOptions(precision="int4"))
+    # the same 4-bit weights under float activations: ORT's MatMulNBits, Model Optimizer INT4's counterpart
+    out[f"ours W4 weight-only {how} (INT4)"] = export_onnx(w4, work / "ours_w4.onnx",
+                                                           ExportOptions(precision="int4-weight-only"))
     out["ORT quantize_static INT8"] = ort_static(out["FP32"], work / "ort_int8.onnx", calib)
     for mode in ("int8", "int4"):
         try:
@@ -149,6 +161,8 @@ def variants(model_name: str, work: Path, fp_model, calib: np.ndarray, qat_ckpt:
         except QvitError as e:
             print(f"{model_name}: {e}", flush=True)
             out[f"ModelOpt {mode.upper()}"] = None
+    for label in [k for k in out if "weight-only" in k or k == "ModelOpt INT4"]:
+        out[label + ORT_DEFAULTS] = out[label]
     return out
 
 
@@ -178,22 +192,29 @@ def main(argv=None) -> int:
             row = {"model": model_name, "variant": label, "ok": path is not None}
             if path is not None:
                 row |= {"onnx_mb": path.stat().st_size / 1e6, "b1_ms": speed[label][1], "b32_ms": speed[label][32],
-                        "top1": top1(path, images, labels) if accuracy else None} | plan(path)
+                        "top1": top1(path, images, labels, label) if accuracy else None} | plan(path)
             rows.append(row)
             print(row, flush=True)
-    lines = ["| model | variant | FMNIST top-1 % (ORT) | ORT b1 ms | ORT b32 ms | ONNX MB | TRT-RTX plan (SM89) |",
-             "|---|---|---|---|---|---|---|"]
+    fp32 = {r["model"]: r for r in rows if r["variant"] == "FP32" and r["ok"]}
+    for r in rows:
+        if r["ok"] and r["model"] in fp32:
+            r["b1_ratio"] = r["b1_ms"] / fp32[r["model"]]["b1_ms"]
+            r["b32_ratio"] = r["b32_ms"] / fp32[r["model"]]["b32_ms"]
+    lines = ["| model | variant | FMNIST top-1 % (ORT) | ORT b1 ms (÷ FP32) | ORT b32 ms (÷ FP32) | ONNX MB | "
+             "TRT-RTX plan (SM89) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["ok"]:
             lines.append(f"| {r['model']} | {r['variant']} | failed | | | | |")
             continue
         acc = f"{r['top1']:.2f}" if r["top1"] is not None else "n/a (random init)"
         engine = f"{r['plan_mb']:.1f} MB" if r.get("built") else f"failed: {r.get('error', '')[:60]}"
-        lines.append(f"| {r['model']} | {r['variant']} | {acc} | {r['b1_ms']:.2f} | {r['b32_ms']:.1f} | "
-                     f"{r['onnx_mb']:.2f} | {engine} |")
+        b1 = f"{r['b1_ms']:.2f} ({r['b1_ratio']:.2f}×)" if "b1_ratio" in r else f"{r['b1_ms']:.2f}"
+        b32 = f"{r['b32_ms']:.1f} ({r['b32_ratio']:.2f}×)" if "b32_ratio" in r else f"{r['b32_ms']:.1f}"
+        lines.append(f"| {r['model']} | {r['variant']} | {acc} | {b1} | {b32} | {r['onnx_mb']:.2f} | {engine} |")
     when = datetime.date.today().isoformat()
     header = (f"Peers on {when}, {platform.machine()}, {torch.get_num_threads()} CPU threads, ONNX Runtime CPU "
-              f"(medians of interleaved runs). Command: `.venv/bin/python benchmarks/peers.py`\n\n")
+              f"(medians of interleaved runs; every variant in the session the project evaluates exports with). "
+              f"Command: `.venv/bin/python benchmarks/peers.py`\n\n")
     out = ROOT / "benchmarks" / "results" / "peers"
     write_text(out.with_suffix(".md"), header + "\n".join(lines) + "\n")
     write_text(out.with_suffix(".json"), json.dumps({"date": when, "rows": rows}, indent=2))
