@@ -323,6 +323,10 @@ def check(results: dict, tolerance: float) -> int:
     worse = [(k, base[k], now[k]) for k in sorted(now) if k in base and now[k] > base[k] * (1 + tolerance)]
     missing = sorted(set(base) - set(now))
     print(f"{len(now)} ratios measured, {len(set(now) & set(base))} with a baseline; tolerance {tolerance:.0%}")
+    moved = sorted(((now[k] / base[k] - 1, k) for k in now if k in base), key=lambda t: abs(t[0]))
+    if moved:  # the noise to judge the tolerance by: the largest move either way
+        change, key = moved[-1]
+        print(f"largest move: {key} {now[key]:.2f} (baseline {base[key]:.2f}, {100 * change:+.0f}%)")
     for key, b, n in worse:
         print(f"WORSE  {key}: {n:.2f} (baseline {b:.2f}, +{100 * (n / b - 1):.0f}%)")
     if missing:
