@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: install data test demo probe-teacher ablation deep-teacher deep-ablation bottleneck bench bench-check clean
+.PHONY: install data test test-fast demo probe-teacher ablation deep-teacher deep-ablation bottleneck bench bench-check clean
 
 install: $(VENV)/.installed data
 
@@ -25,6 +25,10 @@ data:
 
 test: install
 	$(PY) -m pytest
+
+# The fast tier for everyday work: every test not marked slow (tests/conftest.py says which are).
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 demo: install
 	$(PY) -m qvit_export.demo

@@ -39,7 +39,7 @@ from qvit_export.plots import save_figure  # noqa: E402
 from qvit_export.checkpoint import read_checkpoint  # noqa: E402
 from qvit_export.data import fashion_mnist  # noqa: E402
 from qvit_export.recipe import load_recipe  # noqa: E402
-from qvit_export.train import evaluate  # noqa: E402
+from qvit_export.evaluation import evaluate  # noqa: E402
 from qvit_export.config import IRM_VARIANTS  # noqa: E402
 from qvit_export.trainer import finished_run, saved_run, train_or_reuse  # noqa: E402
 

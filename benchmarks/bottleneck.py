@@ -96,7 +96,7 @@ def ptq_table(teacher: Path, cache: Path, compute: bool = True) -> dict | None:
         return None
     from qvit_export import QuantConfig, calibrate, quantize
     from qvit_export.data import fashion_mnist
-    from qvit_export.train import evaluate
+    from qvit_export.evaluation import evaluate
 
     fp = load_checkpoint(teacher)
     test = fashion_mnist("test")

@@ -2,7 +2,7 @@
 
 Plain Python on text and JSON (no TensorRT, no torch): ``engine.py`` hands over what the builder printed.
 
-Sources of the kernel list (DESIGN.md §6):
+Sources of the kernel list (docs/design.md, "Reading what TensorRT built, without a GPU"):
 - TensorRT-RTX / TensorRT built with ``ProfilingVerbosity.DETAILED`` and a VERBOSE logger print one message that
   starts with ``Layers:``; each line names a kernel, its LayerType, its runtime inputs, its constants and its
   outputs with their datatypes, and the ONNX nodes it covers (``[ONNX Layer: name]``) (``parse_layer_listing``);

@@ -8,7 +8,6 @@ Layout (plain containers and tensors only, so ``torch.load(weights_only=True)`` 
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
@@ -17,9 +16,10 @@ from torch import nn
 from .atomic import atomic_path
 from .config import QuantConfig
 from .errors import QvitError
-from .untrusted import check_finite, check_tensor, check_zip, plain_data, shown
+from .torch_files import CHECKPOINT_FORMAT as FORMAT
+from .torch_files import check_state, state_dict_of, torch_load
+from .untrusted import check_finite, plain_data, shown
 
-FORMAT = "qvit-export-checkpoint"
 VERSION = 1
 
 
@@ -56,63 +56,6 @@ def save_checkpoint(path, model: nn.Module, metrics: dict | None = None, extra: 
     return path
 
 
-def _torch_load(path: Path):
-    """torch.load with weights_only=True, every failure turned into one line that says what to do."""
-    if not path.is_file():
-        raise QvitError(f"checkpoint not found: {path}")
-    check_zip(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch names the class it refused ("Unsupported global"); garbage fails on an opcode instead.
-        if "global" in str(e).lower():
-            raise QvitError(f"{path} needs pickle code to load, which is refused for safety: re-save it as a plain "
-                            "state dict or with qvit_export.save_checkpoint") from None
-        raise QvitError(f"{path} is truncated or not a PyTorch file (unpickling failed): write the checkpoint "
-                        "again") from None
-    except MemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - damaged files fail in many ways (zip, pickle opcodes, storage sizes)
-        raise QvitError(f"{path} is truncated or not a PyTorch file ({type(e).__name__}): write the checkpoint "
-                        "again") from None
-
-
-MAX_EXTRA_STATE_NODES = 64  # a quantizer's or IRM norm's extra state: a few flags and a bit width
-
-
-def _check_state(state, path) -> dict:
-    """A state dict read from a file: string keys, each value a plain tensor (untrusted.check_tensor) or, under
-    an ``_extra_state`` key, a few plain values."""
-    for key, value in state.items():
-        if not isinstance(key, str) or len(key) > 1000:
-            raise QvitError(f"{path} has a state dict key {shown(key)}: keys are parameter names; the file is damaged")
-        if torch.is_tensor(value):
-            check_tensor(value, f"{path}: {key}")
-        elif key.rsplit(".", 1)[-1] == "_extra_state":
-            plain_data(value, f"{path}: {key}", max_nodes=MAX_EXTRA_STATE_NODES)
-        else:
-            raise QvitError(f"{path}: {key} is a {type(value).__name__}, not a tensor: pass a timm weights file or a "
-                            "checkpoint of ours")
-    return state
-
-
-def _state_dict_of(obj, path: Path) -> dict:
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        obj = obj["state_dict"]
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise QvitError(f"{path} holds no state dict of tensors: pass a timm weights file")
-    return _check_state(obj, path)
-
-
-def load_state_dict_file(path) -> dict:
-    """A plain state dict (or a dict holding one under 'state_dict' or 'model'), e.g. timm FP weights."""
-    path = Path(path)
-    return _state_dict_of(_torch_load(path), path)
-
-
 def _checked(ckpt, path: Path) -> dict:
     """The checkpoint, its structure checked: everything but the model's arguments (model_args, when the model is
     built) is plain data of bounded size, read before any of it is formatted or written anywhere."""
@@ -134,7 +77,7 @@ def _checked(ckpt, path: Path) -> dict:
     plain_data(ckpt["quant"], f"{path}: quant", max_nodes=1000)
     plain_data(ckpt["metrics"], f"{path}: metrics")
     plain_data(ckpt["extra"], f"{path}: extra", tensors=True)  # a run's last.pt keeps its optimizer state there
-    _check_state(state, path)
+    check_state(state, path)
     return ckpt
 
 
@@ -142,7 +85,7 @@ def read_checkpoint(path) -> dict:
     """The contents of a qvit-export checkpoint of a version we read, checked to be plain data (the state dict
     plain tensors, metrics and extra data bounded in size); the model's arguments are checked when it is built."""
     path = Path(path)
-    return _checked(_torch_load(path), path)
+    return _checked(torch_load(path), path)
 
 
 def model_from_checkpoint(ckpt: dict, path) -> nn.Module:
@@ -177,11 +120,11 @@ def load_checkpoint(path) -> nn.Module:
 def read_weights_file(path) -> tuple[dict | None, dict]:
     """One read of ``path``: (our checkpoint, checked, or None for a timm weights file; the state dict)."""
     path = Path(path)
-    obj = _torch_load(path)
+    obj = torch_load(path)
     if isinstance(obj, dict) and obj.get("format") is not None:
         ckpt = _checked(obj, path)
         return ckpt, ckpt["state_dict"]
-    return None, _state_dict_of(obj, path)
+    return None, state_dict_of(obj, path)
 
 
 def load_model_file(path, name: str | None = None, kwargs: dict | None = None,

@@ -675,11 +675,9 @@ def report_main(argv=None) -> int:
         if (w_bits is None) != (a_bits is None):
             raise QvitError("give both weight and activation bits (--bits, or --w-bits and --a-bits)")
         model, name = create_model(args.model), args.model
-        from .quantize import SUPPORTED_MODELS
+        from .families import family_for_model
 
-        if not isinstance(model, SUPPORTED_MODELS):
-            raise QvitError(f"--model {name} is not a vision transformer qvit-export supports: pick a DeiT/ViT or "
-                            "Swin name (timm.list_models('deit*'), ('vit*'), ('swin*'))")
+        family_for_model(model, f"--model {name}")
         cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits) if w_bits else None
     result = report(model, cfg, name)
     if args.layers:
@@ -731,7 +729,7 @@ def eval_main(argv=None) -> int:
 
     from .checkpoint import load_checkpoint
     from .data import evaluation_dataset
-    from .train import evaluate
+    from .evaluation import evaluate
 
     reference = load_checkpoint(args.ckpt or args.model_ckpt) if (args.ckpt or args.model_ckpt) else None
     if args.data != "fashion-mnist" and reference is None:

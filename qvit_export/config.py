@@ -1,4 +1,5 @@
-"""Frozen settings of the quantization scheme (DESIGN.md §3: deployable by TensorRT by construction)."""
+"""Frozen settings of the quantization scheme, deployable by TensorRT by construction (docs/design.md, "The
+quantization scheme")."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields

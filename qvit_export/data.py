@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .errors import QvitError
+from .timm_models import input_shape
 from .untrusted import MAX_IMAGE_BYTES, check_folder_links, read_inside
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts it
@@ -83,7 +84,6 @@ def data_config(model, what: str = "images") -> dict:
     demo ViT) has no such config: refused in one line, naming ``what`` would have gone through it."""
     from timm.data import resolve_data_config
 
-    from .timm_models import input_shape
 
     config = resolve_data_config({}, model=model)
     want = input_shape(model)
@@ -170,7 +170,6 @@ def folder_dataset(folder: Path, transform, mode: str = "RGB",
 
 def image_mode(model) -> str:
     """PIL mode of the model's input images: grey for one channel, RGB for three."""
-    from .timm_models import input_shape
 
     channels = input_shape(model)[0]
     if channels not in (1, 3):
@@ -192,7 +191,7 @@ def evaluation_dataset(spec: str, model, flag: str = "--data", max_image_bytes: 
     """'fashion-mnist' (the test split) or an image folder: labelled data for evaluation and parity. ``flag``
     is the option that named it, for the messages."""
     if spec == "fashion-mnist":
-        if model is not None and model.patch_embed.proj.in_channels != 1:
+        if model is not None and input_shape(model)[0] != 1:
             raise QvitError(f"Fashion-MNIST images are grey but this model takes RGB: pass an image folder as {flag}")
         return fashion_mnist("test")
     return image_folder(spec, model, flag, max_image_bytes)
@@ -203,9 +202,9 @@ def parity_images(spec: str, model, limit: int, dataset_hint: str | None = None,
     """Images to prove parity on, and what they are. 'auto' takes the checkpoint's own dataset when it is
     available (``dataset_hint``), else scikit-image's photographs."""
     if spec == "auto":  # the checkpoint's dataset; the built-in grey one for a 1x28x28 model; else photographs
-        grey = model.patch_embed.proj.in_channels == 1 and tuple(model.patch_embed.img_size) == (28, 28)
+        grey = input_shape(model) == (1, 28, 28)
         spec = dataset_hint or ("fashion-mnist" if grey else "photos")
-    if spec == "photos" and model.patch_embed.proj.in_channels != 3:
+    if spec == "photos" and input_shape(model)[0] != 3:
         raise QvitError(f"the photographs are RGB but this model takes other images: pass {flag} "
                         "fashion-mnist or an image folder")
     if spec == "photos":

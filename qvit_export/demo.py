@@ -26,7 +26,7 @@ from .data import fashion_mnist
 from .errors import QvitError
 from .quantize import quantize
 from .recipe import load_recipe
-from .train import evaluate
+from .evaluation import evaluate
 from .trainer import train_or_reuse
 
 _FP = load_recipe("demo_fp")

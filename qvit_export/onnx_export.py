@@ -1,6 +1,7 @@
 """ONNX with QuantizeLinear/DequantizeLinear: the only module that knows ONNX op names.
 
-The quantized model is copied into an *export twin* whose layers emit TensorRT's QDQ form (DESIGN.md §3):
+The quantized model is copied into an *export twin* whose layers emit TensorRT's QDQ form (docs/design.md,
+"The quantization scheme"):
 - activations: ``Clip(s·qmin, s·qmax) → QuantizeLinear(int8, zero point 0) → DequantizeLinear`` for codes
   narrower than INT8, plain Q→DQ at [-128, 127]; one scale per tensor;
 - weights: integer codes stored as INT8 initializers → DequantizeLinear (one scale per output channel),

@@ -8,6 +8,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import QvitError
+from .families import family_for_model
 
 
 def _inferred_kwargs(name: str, state: dict, kwargs: dict) -> dict:
@@ -22,9 +23,10 @@ def _inferred_kwargs(name: str, state: dict, kwargs: dict) -> dict:
     head = state.get(f"{first}.weight")
     if "num_classes" not in kwargs and head is not None and head.dim() == 2 and head.shape[0] != default.num_classes:
         out["num_classes"] = int(head.shape[0])
-    proj = state.get("patch_embed.proj.weight")
+    family = family_for_model(default)
+    proj = state.get(f"{family.input_layer_name}.weight")
     if "in_chans" not in kwargs and proj is not None and proj.dim() == 4 \
-            and proj.shape[1] != default.patch_embed.proj.in_channels:
+            and proj.shape[1] != family.input_layer(default).in_channels:
         out["in_chans"] = int(proj.shape[1])
     return out
 

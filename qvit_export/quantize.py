@@ -1,21 +1,18 @@
-"""quantize(model, cfg): turn a timm DeiT/ViT or Swin into its Q-ViT form by swapping module classes."""
+"""quantize(model, cfg): turn a timm model of a supported family into its Q-ViT form by swapping module classes."""
 from __future__ import annotations
 
 import contextlib
 import copy
 from typing import Iterator
 
-from timm.layers import Attention
-from timm.models.swin_transformer import SwinTransformer, WindowAttention
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .config import QuantConfig
 from .errors import QvitError
-from .layers import IRMNorm, QuantAttention, QuantConv2d, QuantLinear, QuantWindowAttention
+from .families import family_for_model
+from .families.base import quantized_attention_classes
+from .layers import IRMNorm, QuantConv2d, QuantLinear
 from .lsq import LSQQuantizer
-
-SUPPORTED_MODELS = (VisionTransformer, SwinTransformer)
 
 
 def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Module:
@@ -24,11 +21,8 @@ def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Mo
     State-dict keys stay timm's, plus the quantizer steps (and IRM norms), so a timm FP checkpoint loads
     into the result. The input model is left untouched unless ``inplace``.
     """
-    if not isinstance(model, SUPPORTED_MODELS):
-        raise QvitError(
-            f"cannot quantize {type(model).__name__}: qvit-export supports timm VisionTransformer (ViT, DeiT) "
-            "and SwinTransformer models"
-        )
+    family = family_for_model(model, "the model to quantize")
+    swaps = family.attention_swaps()
     if any(True for _ in quantizers(model)):
         raise QvitError("this model is already quantized: quantize the FP model instead")
     if not inplace:
@@ -42,15 +36,13 @@ def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Mo
         elif kind is nn.Conv2d:
             mod.__class__ = QuantConv2d
             mod.attach_quantizers(w_bits, a_bits, name)
-        elif kind is Attention:
-            mod.__class__ = QuantAttention
-            mod.attach_quantizers(a_bits, cfg.irm, mod.head_dim, name)
-        elif kind is WindowAttention:
-            mod.__class__ = QuantWindowAttention
-            mod.attach_quantizers(a_bits, cfg.irm, mod.qkv.out_features // 3 // mod.num_heads, name)
-        elif name.endswith(".attn") and kind not in (QuantAttention, QuantWindowAttention):
-            raise QvitError(f"cannot quantize attention '{name}' of type {kind.__name__}: only timm's Attention "
-                            "and Swin's WindowAttention are supported")
+        elif kind in swaps:
+            head_dim = family.head_dim(mod)
+            mod.__class__ = swaps[kind]
+            mod.attach_quantizers(a_bits, cfg.irm, head_dim, name)
+        elif name.endswith(".attn") and kind not in swaps.values():
+            raise QvitError(f"cannot quantize attention '{name}' of type {kind.__name__}: a {family.name} model "
+                            f"quantizes {', '.join(c.__name__ for c in swaps)} only")
     _exclude_groups(model, cfg)
     model.qvit_config = cfg
     return model
@@ -66,7 +58,7 @@ def quantizer_group(model: nn.Module, name: str) -> str | None:
     parent_name, _, leaf = owner.rpartition(".")
     if part in ("q_quantizer", "k_quantizer", "v_quantizer", "attn_quantizer"):
         return "mhsa_acts"
-    if leaf in ("qkv", "proj") and isinstance(model.get_submodule(parent_name), (QuantAttention, QuantWindowAttention)):
+    if leaf in ("qkv", "proj") and isinstance(model.get_submodule(parent_name), quantized_attention_classes()):
         return "mhsa_weights" if part == "weight_quantizer" else "mhsa_inputs"
     if leaf in ("fc1", "fc2") and parent_name.rpartition(".")[2] == "mlp":
         return "mlp"

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
+from .timm_models import input_shape
 
 OPS_FACTOR = {2: 1 / 32, 3: 1 / 16, 4: 1 / 8}
 
@@ -49,10 +50,11 @@ class LayerCount:
 
 def count_layers(model: nn.Module, cfg: QuantConfig | None) -> list[LayerCount]:
     """Run one image through ``model`` in float and record every counted multiplication."""
-    from timm.layers import Attention
-    from timm.models.swin_transformer import WindowAttention
-
+    from .families import family_for_model
     from .quantize import quantizers_disabled
+
+    family = family_for_model(model)
+    attention_classes = tuple(family.attention_swaps())  # the quantized classes are their subclasses
 
     rows: list[LayerCount] = []
     hooks = []
@@ -73,18 +75,16 @@ def count_layers(model: nn.Module, cfg: QuantConfig | None) -> list[LayerCount]:
                 per_output = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
                 rows.append(LayerCount(name, "conv", out.numel() * per_output, w, a, m.weight.numel()))
             hooks.append(module.register_forward_hook(conv))
-        elif isinstance(module, (Attention, WindowAttention)):
+        elif isinstance(module, attention_classes):
             def attention(m, inp, out, name=name):
                 _, a = bits(name)
                 x = inp[0]
                 windows_or_batch, tokens, _ = x.shape
-                heads = m.num_heads
-                head_dim = m.qkv.out_features // 3 // heads
-                macs = windows_or_batch * heads * tokens * tokens * head_dim
+                macs = windows_or_batch * m.num_heads * tokens * tokens * family.head_dim(m)
                 rows.append(LayerCount(name + ".q@k", "q@k", macs, None, a))
                 rows.append(LayerCount(name + ".attn@v", "attn@v", macs, None, a))
             hooks.append(module.register_forward_hook(attention))
-    channels, height, width = model.patch_embed.proj.in_channels, *model.patch_embed.img_size
+    channels, height, width = input_shape(model)
     try:
         with torch.no_grad(), quantizers_disabled(model):
             model.eval()(torch.zeros(1, channels, height, width))

@@ -4,17 +4,14 @@ from __future__ import annotations
 from torch import nn
 
 from .errors import QvitError
+from .families import family_for_model, supported
+from .torch_files import load_state_dict_file
 from .untrusted import check_finite, shown
 
 
 def input_shape(model: nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) of the images the model takes."""
-    embed = getattr(model, "patch_embed", None)
-    if embed is None or not hasattr(embed, "proj"):
-        raise QvitError(f"{type(model).__name__} has no patch embedding: qvit-export supports timm ViT/DeiT and Swin")
-    chans = embed.proj.in_channels
-    size = embed.img_size if embed.img_size is not None else (224, 224)
-    return (chans, *size)
+    return family_for_model(model).input_shape(model)
 
 
 def create_model(name: str, pretrained: bool = False, weights: str | None = None, **kwargs) -> nn.Module:
@@ -27,14 +24,12 @@ def create_model(name: str, pretrained: bool = False, weights: str | None = None
     import timm
 
     if not isinstance(name, str) or not timm.is_model(name):
-        raise QvitError(f"unknown timm model {shown(name)}: pick a name from timm.list_models('deit*') or ('swin*')")
+        raise QvitError(f"unknown timm model {shown(name)}: pick a name of one of qvit-export's families: {supported()}")
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise QvitError(f"timm model '{name}' rejected its arguments {shown(kwargs)}: {str(e)[:200]}") from None
     if weights is not None:
-        from .checkpoint import load_state_dict_file
-
         try:
             model.load_state_dict(load_state_dict_file(weights))
         except RuntimeError as e:
@@ -133,18 +128,8 @@ def _compare_state(expected: dict, stored: dict, mismatch: str, hint: str) -> No
 
 
 def _architecture_kwargs(model: nn.Module) -> dict:
-    """The timm.create_model arguments that shape ``model``, read from the model itself."""
-    embed = model.patch_embed
-    kwargs = {"num_classes": model.num_classes, "in_chans": embed.proj.in_channels,
-              "img_size": tuple(embed.img_size), "patch_size": tuple(embed.patch_size)[0]}
-    if hasattr(model, "blocks"):  # ViT / DeiT
-        kwargs |= {"embed_dim": model.embed_dim, "depth": len(model.blocks),
-                   "num_heads": model.blocks[0].attn.num_heads}
-    elif hasattr(model, "layers"):  # Swin
-        kwargs |= {"embed_dim": model.embed_dim, "depths": tuple(len(s.blocks) for s in model.layers),
-                   "num_heads": tuple(s.blocks[0].attn.num_heads for s in model.layers),
-                   "window_size": tuple(model.layers[0].blocks[0].window_size)}
-    return kwargs
+    """The timm.create_model arguments that shape ``model``, read from the model itself (by its family)."""
+    return family_for_model(model).architecture_kwargs(model)
 
 
 def describe_model(model: nn.Module) -> dict:

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Subset
 
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist, folder_dataset, image_mode
 from .errors import QvitError
+from .timm_models import input_shape
 from .untrusted import shown
 
 _BACKGROUND = (0.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD  # a black pixel after normalisation
@@ -77,7 +78,7 @@ def _limit(dataset: Dataset, n: int | None) -> Dataset:
 
 
 def _fashion(recipe: dict, model) -> tuple[Dataset, Dataset]:
-    if model.patch_embed.proj.in_channels != 1:
+    if input_shape(model)[0] != 1:
         raise QvitError("Fashion-MNIST images are grey (1 channel) but this model takes RGB: set model_kwargs "
                         "in_chans: 1 (and img_size: 28), or pass an image folder as data")
     aug = recipe["augment"]

@@ -36,7 +36,7 @@ from .distill import dgd_loss, logit_distillation, tapped
 from .errors import QvitError
 from .quantize import clamp_steps, quantize, set_quantizers_enabled
 from .recipe import quant_config, to_yaml, with_defaults
-from .train import evaluation_sums, metrics_from_sums
+from .evaluation import evaluation_sums, metrics_from_sums
 from .train_data import set_epoch, training_data
 from .untrusted import check_finite
 
@@ -149,7 +149,7 @@ def fp_model(recipe: dict) -> nn.Module:
     kwargs = check_model_kwargs(recipe["model"], recipe["model_kwargs"], "recipe model_kwargs")
     kwargs |= {"drop_path_rate": recipe["drop_path"]} if recipe["drop_path"] else {}
     if recipe["weights"]:
-        from .checkpoint import load_state_dict_file
+        from .torch_files import load_state_dict_file
 
         model = build_from_state(recipe["model"], kwargs, load_state_dict_file(recipe["weights"]),
                                  f"weights {recipe['weights']}", hint="give the weights of the recipe's model (and "

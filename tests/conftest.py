@@ -149,3 +149,15 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("figures measured by this run")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+# The fast tier (`make test-fast`, `pytest -m "not slow"`) leaves out every test marked slow: by hand where a test
+# exports or builds a full-size model on its own, and here for every test that uses a fixture that does (measured
+# 2026-12-03, 2 cores: training the demo teacher takes minutes on a fresh machine; photo_exports, 5.6 minutes).
+SLOW_FIXTURES = {"fmnist_teacher_ckpt", "photo_exports"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -160,6 +160,7 @@ def test_photo_models_int8_plans_place_every_layer_on_int8(name, photo_w4a4, tmp
     _assert_all_int8(_build(path, tmp_path), figures, f"{name} W4A4 int8 fp16 plan")
 
 
+@pytest.mark.slow  # exports a full-size model
 def test_deit_tiny_int4_blocks_cover_its_weights_and_build(photo_w4a4, tmp_path, figures):
     from onnx import numpy_helper
 
@@ -182,6 +183,7 @@ def test_deit_tiny_int4_blocks_cover_its_weights_and_build(photo_w4a4, tmp_path,
     assert s["unmatched"] == 0 and s["float_gemms"] == 0 and s["weight_casts"] == len(int4)  # reported, not hidden
 
 
+@pytest.mark.slow  # exports a full-size model
 def test_swin_int4_keeps_k96_layers_int8_and_says_why(photo_w4a4, tmp_path):
     from qvit_export.onnx_export import int4_layers
 

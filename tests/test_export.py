@@ -183,7 +183,7 @@ def test_int4_block_128_keeps_narrow_layers_int8(fmnist_exports):
 def test_int4_weight_only_parity_against_activation_quantizers_off(fmnist_exports, fmnist_test, figures):
     from qvit_export.parity import OnnxModule
     from qvit_export.quantize import quantizers_disabled
-    from qvit_export.train import evaluate
+    from qvit_export.evaluation import evaluate
 
     qm, path = fmnist_exports[4]
     wo = export_onnx(qm, path.with_name("w4_wo.onnx"), ExportOptions(precision="int4-weight-only"))
@@ -205,7 +205,7 @@ def test_fp16_graph(fmnist_exports, fmnist_test, figures):
     """FP16 outside the QDQ pairs moves values across code boundaries: predictions near ties change, accuracy
     does not (the codes stay within 1 LSB when each layer starts from the same inputs)."""
     from qvit_export.parity import OnnxModule
-    from qvit_export.train import evaluate
+    from qvit_export.evaluation import evaluate
 
     qm, path = fmnist_exports[4]
     path16 = export_onnx(qm, path.with_name("w4_fp16.onnx"), ExportOptions(dtype="fp16"))
@@ -278,6 +278,7 @@ def test_tensorrt_rtx_builds_sm89_engine(precision, fmnist_exports, tmp_path, fi
           f"{report['build_seconds']:.1f} s")
 
 
+@pytest.mark.slow  # exports a full-size model
 def test_distilled_deit_exports_both_heads(photos_224, tmp_path):
     torch.manual_seed(0)
     fp = create_model("deit_tiny_distilled_patch16_224")

@@ -3,7 +3,7 @@ import pytest
 
 from qvit_export import QuantConfig, calibrate, quantize, quantizers_disabled
 from qvit_export.demo import ptq
-from qvit_export.train import evaluate
+from qvit_export.evaluation import evaluate
 
 
 @pytest.fixture(scope="module")

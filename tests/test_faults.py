@@ -252,7 +252,7 @@ CASES = [
     ("tensorrt-missing", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", "--target", "tensorrt"], 2,
      ["no TensorRT", "pip install"]),
     # a failed re-export over a good set
-    # an FP16 graph rounds values across code boundaries (README: FP16 parity), so max 0 LSB fails whatever the IRM
+    # an FP16 graph rounds values across code boundaries (docs/usage.md: FP16 parity), so max 0 LSB fails whatever the IRM
     ("parity-fails", "qvit-export", ["--ckpt", "{in:ckpt}", "--engine", "{out}/m.plan", *RTX, "--max-lsb", 0,
                                      "--dtype", "fp16", "--parity-images", 300], 2,
      ["parity below thresholds", "m.parity.failed.json"],

@@ -50,7 +50,7 @@ def test_bypassed_variants_are_timm_bit_for_bit_and_blend_starts_there(name, pho
 def variant_students(fmnist_teacher, fmnist_calibration, fmnist_test):
     """{variant: W4A4 PTQ of the demo teacher with that IRM}, and where each starts (quantizers off) and ends
     (quantizers on), top-1 on the 10,000 test images."""
-    from qvit_export.train import evaluate
+    from qvit_export.evaluation import evaluate
 
     out = {}
     for variant in OTHER_VARIANTS:

@@ -49,6 +49,7 @@ def test_photo_models_int8_exports_run_on_integer_kernels(name, layers, bits, ph
     _assert_integer(path, layers, figures, f"{name} W{bits}A{bits} int8")
 
 
+@pytest.mark.slow  # exports a full-size model
 def test_w8a8_without_irm_runs_on_integer_kernels(photos_224, tmp_path, figures):
     """W8A8 without IRM: the form that once needed q, k and v as three MatMuls for TensorRT (which ORT left in
     float)."""

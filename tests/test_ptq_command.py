@@ -10,7 +10,7 @@ import torch
 from qvit_export import QuantConfig, load_checkpoint, read_checkpoint
 from qvit_export.calibration_set import read_manifest
 from qvit_export.demo import ptq
-from qvit_export.train import evaluate
+from qvit_export.evaluation import evaluate
 
 from test_cli import run
 
@@ -57,6 +57,7 @@ def deit_weights(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # exports a full-size model
 def test_timm_weights_on_photos_to_an_engine(deit_weights, tmp_path, figures):
     """The two commands of the README: timm weights with their own head (num_classes read from the file) ->
     qvit-quantize on the photographs -> qvit-export with parity and an SM89 plan whose every quantized GEMM,

@@ -130,7 +130,7 @@ def test_bad_inputs_give_one_clear_line():
     with pytest.raises(QvitError, match="unknown timm model 'deit_nonexistent'"):
         create_model("deit_nonexistent")
     resnet = create_model("resnet18")
-    with pytest.raises(QvitError, match="supports timm VisionTransformer"):
+    with pytest.raises(QvitError, match=r"is a ResNet, which qvit-export does not support: .*ViT/DeiT .*Swin"):
         quantize(resnet, QuantConfig())
     qm = quantize(create_model("test_vit"), QuantConfig())
     with pytest.raises(QvitError, match="already quantized"):
@@ -166,3 +166,24 @@ def test_a_step_pushed_through_zero_comes_back(small_vit, fmnist_calibration):
     assert q.step[0].item() == pytest.approx(MIN_STEP) and bool((q.step > 0).all())
     qm(fmnist_calibration[0][:16]).square().mean().backward()
     assert q.step.grad[0].item() != 0
+
+
+def test_families_are_registered_adapters():
+    """Each family is one registered module; a timm name finds its family from the class timm builds, and a
+    model of no family is refused in one line that lists the families."""
+    from qvit_export.families import FAMILIES, family_for_model, family_of
+
+    assert list(FAMILIES) == ["ViT/DeiT", "Swin"]
+    assert family_of("deit_tiny_distilled_patch16_224").name == "ViT/DeiT"  # a subclass: its base's family
+    assert family_of("vit_small_patch14_reg4_dinov2").name == "ViT/DeiT"
+    assert family_of("swin_tiny_patch4_window7_224").name == "Swin"
+    for name in ("eva02_tiny_patch14_224", "swinv2_tiny_window8_256"):  # not yet adapted
+        with pytest.raises(QvitError, match=r"which qvit-export does not support: .*ViT/DeiT .*Swin"):
+            family_of(name)
+    for name in ("test_vit", "swin_tiny_patch4_window7_224"):
+        model = create_model(name)
+        family = family_for_model(model)
+        q = quantize(model, QuantConfig())
+        swapped = {type(m) for m in q.modules()} & set(family.attention_swaps().values())
+        assert swapped == set(family.attention_swaps().values())
+        assert family.input_shape(model)[0] == 3 and family.input_layer(model) is model.patch_embed.proj
