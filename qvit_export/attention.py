@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from .config import DGD_FORMS
 from .errors import QvitError
-from .layers import QuantAttention, QuantAttentionMixin
+from .families import family_for_model
+from .layers import QuantAttentionMixin
 from .lsq import LSQQuantizer
 
 DIAGNOSTICS = ("q_entropy", "k_entropy", "attn_kl", "attn_distance", "attn_distance_fp", "dgd")
@@ -65,18 +66,6 @@ class _Recorder:
             h.remove()
         for _, attn in self.blocks:
             attn.force_explicit = False
-
-
-def patch_positions(model: nn.Module) -> tuple[torch.Tensor, int] | None:
-    """(pixel coordinates of each patch centre [P, 2], number of prefix tokens) of a ViT/DeiT; None for Swin."""
-    embed = getattr(model, "patch_embed", None)
-    if embed is None or not any(isinstance(m, QuantAttention) for m in model.modules()):
-        return None
-    rows, cols = embed.grid_size
-    patch_h, patch_w = embed.patch_size
-    ys, xs = torch.meshgrid(torch.arange(rows, dtype=torch.float64) * patch_h,
-                            torch.arange(cols, dtype=torch.float64) * patch_w, indexing="ij")
-    return torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1), int(getattr(model, "num_prefix_tokens", 1))
 
 
 def attention_distance(attn: torch.Tensor, distances: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -126,7 +115,7 @@ def attention_diagnostics(student: nn.Module, teacher: nn.Module, images: torch.
     if [n for n, _ in student_rec.blocks] != [n for n, _ in teacher_rec.blocks]:
         raise QvitError("the student and the teacher have different attention blocks: give the teacher the student "
                         "was trained from")
-    geometry = patch_positions(student)
+    geometry = family_for_model(student).patch_positions(student)
     distances = None if geometry is None else torch.cdist(geometry[0], geometry[0])
     prefix = 0 if geometry is None else geometry[1]
     device = next(student.parameters()).device

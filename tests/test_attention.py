@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from qvit_export import QuantConfig, calibrate, quantize, quantizers_disabled, save_checkpoint
-from qvit_export.attention import attention_diagnostics, attention_distance, code_entropy, patch_positions
+from qvit_export.attention import attention_diagnostics, attention_distance, code_entropy
+from qvit_export.families import family_for_model
 from qvit_export.cli import _run, report_main
 from qvit_export.config import DGD_FORMS
 
@@ -51,7 +52,8 @@ def test_a_student_that_computes_the_teachers_maths_differs_by_nothing(w2a2_stud
 
 
 def test_attention_distance_and_entropy_by_hand(fmnist_teacher):
-    positions, prefix = patch_positions(quantize(fmnist_teacher, QuantConfig(irm=False)))
+    student = quantize(fmnist_teacher, QuantConfig(irm=False))
+    positions, prefix = family_for_model(student).patch_positions(student)
     assert prefix == 1 and positions.shape == (49, 2) and positions[8].tolist() == [4.0, 4.0]  # row 1, column 1
     distances = torch.cdist(positions, positions)
     tokens = 50

@@ -187,3 +187,4 @@ def test_families_are_registered_adapters():
         swapped = {type(m) for m in q.modules()} & set(family.attention_swaps().values())
         assert swapped == set(family.attention_swaps().values())
         assert family.input_shape(model)[0] == 3 and family.input_layer(model) is model.patch_embed.proj
+        assert (family.patch_positions(model) is None) == (family.name == "Swin")  # windows: no image-wide distance

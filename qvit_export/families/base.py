@@ -113,6 +113,11 @@ class Family:
         size = model.patch_embed.img_size
         return (self.input_layer(model).in_channels, *(size if size is not None else (224, 224)))
 
+    def patch_positions(self, model):
+        """(pixel coordinates of each patch's corner [P, 2] float64, number of prefix tokens) where every block
+        attends over the whole image (attention distance is defined there); None otherwise (windowed attention)."""
+        return None
+
     def architecture_kwargs(self, model) -> dict:
         """The timm.create_model arguments that shape ``model``, read from the model itself."""
         embed = model.patch_embed

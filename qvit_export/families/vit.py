@@ -27,6 +27,15 @@ class ViT(Family):
 
         return {Attention: QuantAttention}
 
+    def patch_positions(self, model):
+        import torch
+
+        embed = model.patch_embed
+        (rows, cols), (patch_h, patch_w) = embed.grid_size, embed.patch_size
+        ys, xs = torch.meshgrid(torch.arange(rows, dtype=torch.float64) * patch_h,
+                                torch.arange(cols, dtype=torch.float64) * patch_w, indexing="ij")
+        return torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1), int(getattr(model, "num_prefix_tokens", 1))
+
     def architecture_kwargs(self, model) -> dict:
         return super().architecture_kwargs(model) | {
             "embed_dim": model.embed_dim, "depth": len(model.blocks), "num_heads": model.blocks[0].attn.num_heads}
