@@ -170,7 +170,7 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     v.add_argument("--min-top1-agreement", type=_float_in(0, 100), help="percent (default 99.9; 90 with --dtype fp16)")
     v.add_argument("--min-code-match", type=_float_in(0, 100),
                    help="percent per quantizer (default 99.9; 98 with --dtype fp16)")
-    v.add_argument("--max-lsb", type=_int_in(0, 255), default=1, help="largest code difference allowed (default 1)")
+    v.add_argument("--max-lsb", type=_int_in(0, 255), help="largest code difference allowed (default 1)")
     v.add_argument("--no-parity", action="store_true", help="skip the parity check")
     e = p.add_argument_group("engine")
     e.add_argument("--target", choices=("auto", "tensorrt", "tensorrt-rtx"), default="auto")
@@ -272,18 +272,15 @@ def _export_staged(out, args, outputs: dict, model, metadata: dict, dataset_hint
                                      max_image_bytes=_image_bytes(args))
     from .parity import stage_export
 
-    # FP16 rounding moves values across code boundaries, which changes predictions near ties (measured on
-    # the demo ViT at W4A4: 95-98% top-1 agreement, accuracy within 0.4 points): looser defaults.
-    fp16 = args.dtype == "fp16"
+    fp16 = args.dtype == "fp16"  # parity's defaults follow the dtype (ParityThresholds.for_dtype)
     start = time.perf_counter()
     print(f"exporting {outputs['--onnx']} ({args.precision}, {args.dtype}, opset {options.resolved_opset()}, "
           f"{options.exporter} exporter)",
           flush=True)
     report = stage_export(
         out, model, images, options, metadata, simplify=not args.no_simplify, labels=("--onnx", "--parity-report"),
-        min_top1=args.min_top1_agreement if args.min_top1_agreement is not None else (90.0 if fp16 else 99.9),
-        min_codes=args.min_code_match if args.min_code_match is not None else (98.0 if fp16 else 99.9),
-        max_lsb=args.max_lsb, memory_mb=args.parity_memory)
+        min_top1=args.min_top1_agreement, min_codes=args.min_code_match, max_lsb=args.max_lsb,
+        memory_mb=args.parity_memory)
     onnx_bytes = out.stage("--onnx").stat().st_size
     if report is not None:
         print(f"parity data: {what}")

@@ -16,7 +16,7 @@ from qvit_export.lsq import LSQQuantizer
 from qvit_export.demo import DEMO_KWARGS
 from qvit_export.onnx_export import ExportOptions, export_onnx
 from qvit_export.onnx_graph import qdq_counts, quantized_ops
-from qvit_export.parity import compare
+from qvit_export.parity import compare, export_with_parity
 
 DEPTH = DEMO_KWARGS["depth"]
 BITS = [8, 4, 3, 2]
@@ -216,11 +216,23 @@ def test_fp16_graph(fmnist_exports, fmnist_test, figures):
     report = compare(qm, path16, images, progress=False)
     figures(f"fp16 graph vs fp32 PyTorch: {report.table(rows=3)}")
     assert report.weights_identical and not report.failures(min_top1=90.0, min_codes=98.0)
+    # a library caller gets the FP16 thresholds from the options alone (FP32's 99.9% would refuse this graph)
+    lib = export_with_parity(qm, path.with_name("w4_fp16_lib.onnx"), images, ExportOptions(dtype="fp16"),
+                             progress=False)
+    assert not lib.failures(min_top1=90.0, min_codes=98.0)
     subset = torch.utils.data.TensorDataset(images, fmnist_test.tensors[1][:2000])
     top1_fp16 = evaluate(OnnxModule(path16), subset, progress=False)["top1"]
     top1_torch = evaluate(qm, subset, progress=False)["top1"]
     figures(f"top-1: PyTorch fp32 {top1_torch:.2f}%, ONNX fp16 {top1_fp16:.2f}%")
     assert abs(top1_fp16 - top1_torch) <= 1.0
+
+
+def test_parity_thresholds_follow_the_dtype():
+    from qvit_export.parity import ParityThresholds
+
+    assert ParityThresholds.for_dtype("fp32") == ParityThresholds(99.9, 99.9, 1)
+    assert ParityThresholds.for_dtype("fp16") == ParityThresholds(90.0, 98.0, 1)
+    assert ParityThresholds.for_dtype("fp16", min_top1=99.0, max_lsb=0) == ParityThresholds(99.0, 98.0, 0)
 
 
 def test_decomposed_layernorm_for_tensorrt_8_5(fmnist_exports, fmnist_test):
