@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +50,9 @@ class ParityThresholds:
     def for_dtype(cls, dtype: str, min_top1: float | None = None, min_codes: float | None = None,
                   max_lsb: int | None = None) -> "ParityThresholds":
         """The dtype's defaults, each replaced by the value given (None keeps the default)."""
+        given = {"min_top1": min_top1, "min_codes": min_codes, "max_lsb": max_lsb}
         base = cls(90.0, 98.0) if dtype == "fp16" else cls()
-        return cls(base.min_top1 if min_top1 is None else min_top1, base.min_codes if min_codes is None else min_codes,
-                   base.max_lsb if max_lsb is None else max_lsb)
+        return replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass

@@ -10,8 +10,7 @@ from torch import nn
 from .config import QuantConfig
 from .errors import QvitError
 from .families import family_for_model
-from .families.base import quantized_attention_classes
-from .layers import IRMNorm, QuantConv2d, QuantLinear
+from .layers import IRMNorm, QuantAttentionMixin, QuantConv2d, QuantLinear
 from .lsq import LSQQuantizer
 
 
@@ -58,7 +57,7 @@ def quantizer_group(model: nn.Module, name: str) -> str | None:
     parent_name, _, leaf = owner.rpartition(".")
     if part in ("q_quantizer", "k_quantizer", "v_quantizer", "attn_quantizer"):
         return "mhsa_acts"
-    if leaf in ("qkv", "proj") and isinstance(model.get_submodule(parent_name), quantized_attention_classes()):
+    if leaf in ("qkv", "proj") and isinstance(model.get_submodule(parent_name), QuantAttentionMixin):
         return "mhsa_weights" if part == "weight_quantizer" else "mhsa_inputs"
     if leaf in ("fc1", "fc2") and parent_name.rpartition(".")[2] == "mlp":
         return "mlp"

@@ -171,7 +171,3 @@ def _family(name: str) -> Family:
         model = timm.create_model(name)
     return family_for_model(model, f"timm model '{name}'")
 
-
-def quantized_attention_classes() -> tuple[type, ...]:
-    """Every quantized attention class of every family."""
-    return tuple(q for f in FAMILIES.values() for q in f.attention_swaps().values())
