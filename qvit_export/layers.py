@@ -1,4 +1,5 @@
-"""Quantized drop-ins for the timm layers of DeiT and Swin.
+"""Quantized drop-ins for timm's layers: Linear, Conv2d, and the attention of DeiT and Swin (other families keep
+theirs in their own module, families/<name>.py, on the same mixin).
 
 Each class subclasses the timm/torch class it replaces and is installed by swapping ``__class__`` on the
 existing module (see quantize.py), so parameter names, and therefore state-dict keys, stay timm's.
@@ -143,14 +144,36 @@ class QuantAttentionMixin:
     @property
     def explicit(self) -> bool:
         """Whether to run the explicit matmul path (timm may otherwise use fused SDPA)."""
-        return self.force_explicit or any(getattr(self, f"{p}_quantizer").enabled for p in ("q", "k", "v", "attn"))
+        if self.force_explicit or any(getattr(self, f"{p}_quantizer").enabled for p in ("q", "k", "v", "attn")):
+            return True
+        # timm's own forward of a model with separate q and v biases (EVA, Swin V2) multiplies by qkv.weight
+        # directly, past qkv's quantizers: such a model takes the explicit path whenever they are on.
+        qkv = getattr(self, "qkv", None)
+        return getattr(self, "q_bias", None) is not None and isinstance(qkv, QuantLinear) \
+            and (qkv.weight_quantizer.enabled or qkv.input_quantizer.enabled)
 
-    def quantized_attention(self, q, k, v, add_bias=None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [B, heads, N, head_dim] from the fused ``qkv`` projection (through its quantizers), with timm's
+        separate q and v biases where the model has them (EVA, Swin V2: ``q_bias``, a zero ``k_bias`` buffer,
+        ``v_bias``), added after the projection so that the exported MatMul keeps its integer form."""
+        qkv = self.qkv(x)
+        q_bias = getattr(self, "q_bias", None)
+        if q_bias is not None:
+            qkv = qkv + torch.cat((q_bias, self.k_bias, self.v_bias))
+        return split_heads(qkv, self.num_heads)
+
+    def quantized_attention(self, q, k, v, add_bias=None, position=None) -> torch.Tensor:
         """softmax(Q(s·q) · Q(kᵀ) + bias) → Q → · Q(v). The scale is applied before q's quantizer, and k is
         transposed before its own, so that once exported each DequantizeLinear feeds its MatMul directly
-        (TensorRT's fusion pattern)."""
-        q = self.q_quantizer(self.q_norm(q) * self.scale)
-        attn = q @ self.k_quantizer(self.k_norm(k).transpose(-2, -1))  # kᵀ quantized: DQ feeds the MatMul
+        (TensorRT's fusion pattern). A family's attention passes what it does between IRM and the quantizers
+        (``position``: (q, k) → (q, k), e.g. EVA's rotary embedding) and to the scores before the softmax
+        (``add_bias``: position bias, shifted-window mask); ``scale`` None means no scale (Swin V2's cosine
+        attention scales the scores in ``add_bias``)."""
+        q, k = self.q_norm(q), self.k_norm(k)
+        if position is not None:
+            q, k = position(q, k)
+        q = self.q_quantizer(q if self.scale is None else q * self.scale)
+        attn = q @ self.k_quantizer(k.transpose(-2, -1))  # kᵀ quantized: DQ feeds the MatMul
         if add_bias is not None:
             attn = add_bias(attn)
         attn = self.attn_quantizer(attn.softmax(dim=-1))
@@ -168,7 +191,7 @@ class QuantAttention(QuantAttentionMixin, Attention):
             raise NotImplementedError("quantized attention supports no attention mask (ViT/DeiT use none)")
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k, v = self.heads(x)
         x = self.quantized_attention(q, k, v)
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
@@ -183,7 +206,7 @@ class QuantWindowAttention(QuantAttentionMixin, WindowAttention):
         if not self.explicit and isinstance(self.q_norm, nn.Identity):
             return super().forward(x, mask)
         B_, N, _ = x.shape
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        q, k, v = self.heads(x)
 
         def add_bias(attn):  # the same additions, in the same order, as timm's unfused path
             attn = attn + self._get_rel_pos_bias()

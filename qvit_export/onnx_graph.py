@@ -210,14 +210,16 @@ def check_tensorrt_rules(model) -> None:
 def lower_opset(model, opset: int):
     """``model`` at ``opset`` when it was written at a higher one (the dynamo route writes >= 18), through ONNX's
     version converter, which keeps node names; else ``model`` as it is. The converter has no way down for opset 18's
-    Pad: Pads that pad nothing (Swin's window padding at a multiple of the window; onnxsim removes them too) are
-    bypassed first."""
+    Pad and Split: Pads that pad nothing (Swin's window padding at a multiple of the window; onnxsim removes them too)
+    are bypassed first, and each Split (EVA's gated MLP cuts fc1's output in two) becomes one Slice per output."""
     from onnx import version_converter
 
     written = max(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
     if written <= opset:
         return model
     _bypass_noop_pads(model)
+    if opset < 18:
+        _splits_as_slices(model)
     for node in model.graph.node:  # opset 18's default, which the converter's ReduceMean adapter does not remove
         if node.op_type.startswith("Reduce"):
             keep = [a for a in node.attribute if not (a.name == "noop_with_empty_axes" and a.i == 0)]
@@ -247,6 +249,46 @@ def _bypass_noop_pads(model) -> None:
                 if name == node.output[0]:
                     reader.input[i] = node.input[0]
         model.graph.node.remove(node)
+
+
+def _splits_as_slices(model) -> None:
+    """Replace every Split by one Slice per output (the same values; Slice reads alike from opset 13 to 21). The
+    sizes come from Split's constant ``split`` input, or from ``num_outputs`` and the inferred length of the axis
+    (opset 18: chunks of ceil(length / num_outputs), the last one shorter)."""
+    from onnx import helper, numpy_helper, shape_inference
+
+    values = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    values |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    if not splits:
+        return
+    inferred = shape_inference.infer_shapes(model).graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.value_info, *inferred.input, *inferred.output)}
+    for node in splits:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        shape = shapes.get(node.input[0])
+        axis = attrs.get("axis", 0) + (len(shape) if shape and attrs.get("axis", 0) < 0 else 0)
+        if len(node.input) > 1 and node.input[1]:
+            sizes = values.get(node.input[1])
+        else:
+            length = shape[axis] if shape and axis < len(shape) else None
+            chunk = -(-length // attrs["num_outputs"]) if length else None
+            sizes = None if chunk is None else [min(chunk, length - i * chunk) for i in range(attrs["num_outputs"])]
+        if sizes is None:
+            raise QvitError(f"{node.name or 'a Split'}: its sizes are not constant, so the graph cannot be written "
+                            "below opset 18: export with --opset 18")
+        index = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        start = 0
+        for i, (size, out) in enumerate(zip((int(v) for v in sizes), node.output)):
+            names = [f"{node.name}/slice{i}/{part}" for part in ("starts", "ends", "axes")]
+            for name, value in zip(names, (start, start + size, axis)):
+                model.graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))
+            model.graph.node.insert(index + i, helper.make_node("Slice", [node.input[0], *names], [out],
+                                                                name=f"{node.name}/slice{i}"))
+            start += size
 
 
 # ONNX metadata values come partly from the checkpoint (its recipe, metrics, calibration record): each is checked

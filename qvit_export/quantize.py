@@ -24,11 +24,15 @@ def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Mo
     swaps = family.attention_swaps()
     if any(True for _ in quantizers(model)):
         raise QvitError("this model is already quantized: quantize the FP model instead")
+    if cfg.irm and family.irm_refusal:
+        raise QvitError(family.irm_refusal)
     if not inplace:
         model = copy.deepcopy(model)
     for name, mod in list(model.named_modules()):
         kind = type(mod)
         w_bits, a_bits = cfg.bits_for(name)
+        if family.keeps_float(name):
+            continue
         if kind is nn.Linear:
             mod.__class__ = QuantLinear
             mod.attach_quantizers(w_bits, a_bits, name)
@@ -57,9 +61,9 @@ def quantizer_group(model: nn.Module, name: str) -> str | None:
     parent_name, _, leaf = owner.rpartition(".")
     if part in ("q_quantizer", "k_quantizer", "v_quantizer", "attn_quantizer"):
         return "mhsa_acts"
-    if leaf in ("qkv", "proj") and isinstance(model.get_submodule(parent_name), QuantAttentionMixin):
+    if isinstance(model.get_submodule(parent_name), QuantAttentionMixin):  # qkv (or q/k/v_proj), proj
         return "mhsa_weights" if part == "weight_quantizer" else "mhsa_inputs"
-    if leaf in ("fc1", "fc2") and parent_name.rpartition(".")[2] == "mlp":
+    if parent_name.rpartition(".")[2] == "mlp":  # fc1/fc2, or a gated MLP's fc1_g/fc1_x/fc2
         return "mlp"
     return None
 

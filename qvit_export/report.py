@@ -62,12 +62,19 @@ def count_layers(model: nn.Module, cfg: QuantConfig | None) -> list[LayerCount]:
     def bits(name: str) -> tuple[int | None, int | None]:
         return cfg.bits_for(name) if cfg is not None else (None, None)
 
+    def linear_row(m, x, name):
+        w, a = bits(name)
+        rows.append(LayerCount(name, "linear", x.numel() // m.in_features * m.in_features * m.out_features,
+                               w, a, m.weight.numel()))
+
+    seen = set()
     for name, module in model.named_modules():
+        if family.keeps_float(name):
+            continue  # computed from constants only (Swin V2's cpb_mlp): the exported graph holds its output
         if isinstance(module, nn.Linear):
             def linear(m, inp, out, name=name):
-                w, a = bits(name)
-                rows.append(LayerCount(name, "linear", inp[0].numel() // m.in_features * m.in_features * m.out_features,
-                                       w, a, m.weight.numel()))
+                seen.add(name)
+                linear_row(m, inp[0], name)
             hooks.append(module.register_forward_hook(linear))
         elif isinstance(module, nn.Conv2d):
             def conv(m, inp, out, name=name):
@@ -81,6 +88,10 @@ def count_layers(model: nn.Module, cfg: QuantConfig | None) -> list[LayerCount]:
                 x = inp[0]
                 windows_or_batch, tokens, _ = x.shape
                 macs = windows_or_batch * m.num_heads * tokens * tokens * family.head_dim(m)
+                qkv = getattr(m, "qkv", None)
+                if isinstance(qkv, nn.Linear) and f"{name}.qkv" not in seen:
+                    # timm's forward of an attention with q/v biases (EVA, Swin V2) reads qkv.weight directly
+                    linear_row(qkv, x, f"{name}.qkv")
                 rows.append(LayerCount(name + ".q@k", "q@k", macs, None, a))
                 rows.append(LayerCount(name + ".attn@v", "attn@v", macs, None, a))
             hooks.append(module.register_forward_hook(attention))

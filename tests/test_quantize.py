@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from family_checks import explicit_paths
 from qvit_export import QuantConfig, QvitError, calibrate, create_model, quantize, quantizers, quantizers_disabled
-from qvit_export.layers import IRMNorm, QuantAttentionMixin, QuantLinear
+from qvit_export.layers import IRMNorm, QuantLinear
 
 MODELS = ["deit_tiny_patch16_224", "deit_small_distilled_patch16_224", "swin_tiny_patch4_window7_224", "test_vit"]
 
@@ -21,12 +22,7 @@ def test_quantizers_off_is_bit_identical_to_timm(name, photos_224):
         assert torch.equal(qm(photos_224), fp(photos_224))
 
         # The explicit (quantizable) attention path does timm's unfused maths exactly.
-        for m in fp.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = False
-        for m in qm.modules():
-            if isinstance(m, QuantAttentionMixin):
-                m.force_explicit = True
+        explicit_paths(fp, qm)
         assert torch.equal(qm(photos_224), fp(photos_224))
 
 
@@ -56,6 +52,24 @@ def test_deit_quantizer_layout():
     assert named["blocks.3.mlp.fc1.weight_quantizer"].step.shape == (768, 1)
     assert named["patch_embed.proj.weight_quantizer"].step.shape == (192, 1, 1, 1)
     assert named["blocks.3.attn.q_quantizer"].step.shape == ()
+
+
+def test_dinov2_with_registers_is_a_vit():
+    """A DINOv2-style ViT with four register tokens (at 224 here; timm's default is 518) is the ViT family's: exact
+    with quantizers off on both attention paths, and its five prefix tokens kept out of the patch positions."""
+    from qvit_export.families import family_for_model
+
+    torch.manual_seed(0)
+    fp = create_model("vit_small_patch14_reg4_dinov2", img_size=224).eval()
+    qm = quantize(fp, QuantConfig(w_bits=4, a_bits=4, irm=False)).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), quantizers_disabled(qm):
+        assert torch.equal(qm(x), fp(x))
+        explicit_paths(fp, qm)
+        assert torch.equal(qm(x), fp(x))
+    family = family_for_model(fp)
+    positions, prefix = family.patch_positions(fp)
+    assert family.name == "ViT/DeiT" and prefix == 5 and positions.shape == (16 * 16, 2)
 
 
 def test_distilled_and_swin_layouts():

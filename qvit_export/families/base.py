@@ -88,6 +88,11 @@ class Family:
     name_patterns: tuple[str, ...] = ()  # what to pass timm.list_models to see the family's names
     args: dict = {}  # the architecture arguments a file may set: {name: Arg}
     input_layer_name: str = "patch_embed.proj"  # the Conv2d that takes the image
+    # Submodules (by their own name, e.g. "cpb_mlp") whose layers stay in float: they compute from constants only,
+    # so the exported graph folds them into one constant and a quantizer there would only add error.
+    float_modules: tuple[str, ...] = ()
+    # Why IRM is refused on this family (a one-line message), or None where IRM applies.
+    irm_refusal: str | None = None
 
     def model_class(self) -> type:
         return getattr(importlib.import_module(self.timm_module), self.timm_class)
@@ -99,6 +104,10 @@ class Family:
     def attention_swaps(self) -> dict[type, type]:
         """{timm attention class: the quantized class that replaces it} (module swap: same state dict)."""
         raise NotImplementedError
+
+    def keeps_float(self, module_name: str) -> bool:
+        """Whether the layer called ``module_name`` stays unquantized (it lies inside one of ``float_modules``)."""
+        return any(part in self.float_modules for part in module_name.split("."))
 
     def head_dim(self, attention) -> int:
         """Channels per head of one attention module."""
@@ -123,6 +132,18 @@ class Family:
         embed = model.patch_embed
         return {"num_classes": model.num_classes, "in_chans": self.input_layer(model).in_channels,
                 "img_size": tuple(embed.img_size), "patch_size": tuple(embed.patch_size)[0]}
+
+
+def grid_patch_positions(model):
+    """Family.patch_positions for a model whose patch embedding lays its patches on one grid over the image
+    (timm's PatchEmbed) and whose every block attends over all of them."""
+    import torch
+
+    embed = model.patch_embed
+    (rows, cols), (patch_h, patch_w) = embed.grid_size, embed.patch_size
+    ys, xs = torch.meshgrid(torch.arange(rows, dtype=torch.float64) * patch_h,
+                            torch.arange(cols, dtype=torch.float64) * patch_w, indexing="ij")
+    return torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1), int(getattr(model, "num_prefix_tokens", 1))
 
 
 FAMILIES: dict[str, Family] = {}

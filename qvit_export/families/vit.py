@@ -2,7 +2,7 @@
 fused qkv projection per block, attention over every token."""
 from __future__ import annotations
 
-from .base import COMMON_ARGS, DROP, Arg, Family, register_family
+from .base import COMMON_ARGS, DROP, Arg, Family, grid_patch_positions, register_family
 
 
 @register_family
@@ -28,13 +28,7 @@ class ViT(Family):
         return {Attention: QuantAttention}
 
     def patch_positions(self, model):
-        import torch
-
-        embed = model.patch_embed
-        (rows, cols), (patch_h, patch_w) = embed.grid_size, embed.patch_size
-        ys, xs = torch.meshgrid(torch.arange(rows, dtype=torch.float64) * patch_h,
-                                torch.arange(cols, dtype=torch.float64) * patch_w, indexing="ij")
-        return torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1), int(getattr(model, "num_prefix_tokens", 1))
+        return grid_patch_positions(model)
 
     def architecture_kwargs(self, model) -> dict:
         return super().architecture_kwargs(model) | {
