@@ -5,3 +5,4 @@ Adding a family is one module with a ``@register_family`` class and one line bel
 from .base import FAMILIES, Arg, Family, family_for_model, family_of, register_family, supported  # noqa: F401
 from . import vit  # noqa: F401, I001  (the built-in families register themselves, in this order)
 from . import swin  # noqa: F401
+from . import eva  # noqa: F401
