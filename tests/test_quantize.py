@@ -187,19 +187,20 @@ def test_families_are_registered_adapters():
     model of no family is refused in one line that lists the families."""
     from qvit_export.families import FAMILIES, family_for_model, family_of
 
-    assert list(FAMILIES) == ["ViT/DeiT", "Swin", "EVA"]
+    assert list(FAMILIES) == ["ViT/DeiT", "Swin", "EVA", "Swin V2"]
     assert family_of("deit_tiny_distilled_patch16_224").name == "ViT/DeiT"  # a subclass: its base's family
     assert family_of("vit_small_patch14_reg4_dinov2").name == "ViT/DeiT"
     assert family_of("swin_tiny_patch4_window7_224").name == "Swin"
     assert family_of("eva02_tiny_patch14_224").name == "EVA"
-    for name in ("swinv2_tiny_window8_256", "convnext_tiny"):  # not adapted
+    assert family_of("swinv2_tiny_window8_256").name == "Swin V2"
+    for name in ("swinv2_cr_tiny_224", "convnext_tiny"):  # not adapted
         with pytest.raises(QvitError, match=r"which qvit-export does not support: .*ViT/DeiT .*Swin"):
             family_of(name)
-    for name in ("test_vit", "swin_tiny_patch4_window7_224", "eva02_tiny_patch14_224"):
+    for name in ("test_vit", "swin_tiny_patch4_window7_224", "eva02_tiny_patch14_224", "swinv2_tiny_window8_256"):
         model = create_model(name)
         family = family_for_model(model)
         q = quantize(model, QuantConfig(irm=False))
         swapped = {type(m) for m in q.modules()} & set(family.attention_swaps().values())
         assert swapped == set(family.attention_swaps().values())
         assert family.input_shape(model)[0] == 3 and family.input_layer(model) is model.patch_embed.proj
-        assert (family.patch_positions(model) is None) == (family.name == "Swin")  # windows: no image-wide distance
+        assert (family.patch_positions(model) is None) == family.name.startswith("Swin")  # windows: no image-wide distance

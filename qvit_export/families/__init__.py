@@ -6,3 +6,4 @@ from .base import FAMILIES, Arg, Family, family_for_model, family_of, register_f
 from . import vit  # noqa: F401, I001  (the built-in families register themselves, in this order)
 from . import swin  # noqa: F401
 from . import eva  # noqa: F401
+from . import swin_v2  # noqa: F401
