@@ -16,7 +16,8 @@ _EXPORTS = {
     "load_checkpoint": "checkpoint", "read_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "quantize": "quantize", "quantizers": "quantize", "quantizers_disabled": "quantize",
     "set_quantizers_enabled": "quantize", "CalibrationSet": "calibration_set", "read_manifest": "calibration_set",
-    "post_training_quantize": "ptq",
+    "post_training_quantize": "ptq", "deploy": "deploy", "DeployOptions": "deploy", "DeployOutputs": "deploy",
+    "ParityOptions": "deploy", "EngineOptions": "engine", "ExportOptions": "onnx_export",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

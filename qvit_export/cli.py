@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import sys
-import time
 from pathlib import Path
 
 from .config import SUPPORTED_BITS
@@ -210,12 +209,36 @@ def _given_export_options(args) -> list[str]:
     return ["--" + dest.replace("_", "-") for dest, value in defaults.items() if getattr(args, dest) != value]
 
 
-def _export_plan(args) -> tuple[dict, dict, list]:
-    """(outputs, inputs, files to remove at commit) of one export, by flag name; engine-only options without
-    --engine are refused here, before any work."""
-    from .atomic import evidence_path
-    from .engine import default_report_path
-    from .parity import default_report_path as default_parity
+def _cli_labels():
+    """deploy's outputs named by the flags that set them, so that messages say which flag to change."""
+    from .deploy import Labels
+
+    return Labels(onnx="--onnx", parity_report="--parity-report", engine="--engine", timing_cache="--timing-cache")
+
+
+def _deploy_options(args):
+    """The export, parity and engine flags as DeployOptions (the library checks each value)."""
+    from .deploy import DeployOptions, ParityOptions
+    from .engine import EngineOptions
+    from .onnx_export import ExportOptions
+
+    export = ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset, int4_block=args.int4_block,
+                           dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm,
+                           exporter=args.exporter)
+    parity = None if args.no_parity else ParityOptions(args.min_top1_agreement, args.min_code_match, args.max_lsb,
+                                                       args.parity_memory)
+    engine = EngineOptions(target=args.target, compute_capability=args.compute_capability,
+                           batch=args.batch or (1, 8, 32), workspace_mib=args.workspace,
+                           timing_cache=args.timing_cache, allow_float_gemms=args.allow_float_gemms) \
+        if args.engine else None
+    return DeployOptions(export, parity, engine, simplify=not args.no_simplify)
+
+
+def _export_plan(args) -> tuple[object, dict, dict, list]:
+    """(DeployOptions, outputs, inputs, files to remove at commit) of one export, by flag name; flags that do not
+    go together are refused here, and what this machine cannot do (no TensorRT, an opset too low), before any
+    work."""
+    from .deploy import DeployOutputs, check_tools, planned_outputs
 
     if not args.engine:
         given = [flag for flag, value in (("--compute-capability", args.compute_capability), ("--batch", args.batch),
@@ -227,83 +250,30 @@ def _export_plan(args) -> tuple[dict, dict, list]:
         raise QvitError("--batch sets the range of a dynamic batch, which --static-batch removes: drop one of them")
     if args.no_parity and (args.parity_report or args.parity_data != "auto"):
         raise QvitError("--no-parity skips the parity check: drop --parity-report/--parity-data, or --no-parity")
-    onnx_path = _default_onnx(args)
-    parity = Path(args.parity_report) if args.parity_report else default_parity(onnx_path)
-    outputs = {"--onnx": onnx_path, "--parity-report": None if args.no_parity else parity}
-    removes = [evidence_path(parity)] + ([parity] if args.no_parity else [])  # a report of an ONNX no longer there
-    if args.engine:
-        report = default_report_path(args.engine)
-        outputs |= {"--engine": Path(args.engine), "build report": report}
-        removes.append(evidence_path(report))
+    options = _deploy_options(args)
+    outputs, removes = planned_outputs(options, DeployOutputs(_default_onnx(args), args.parity_report, args.engine),
+                                       _cli_labels())
+    check_tools(options, outputs, _cli_labels())
     inputs = {"--parity-data": Path(args.parity_data)
               if args.parity_data not in ("auto", "photos", "fashion-mnist") else None}
-    return outputs, inputs, removes
+    return options, outputs, inputs, removes
 
 
-def _check_engine_tools(args, outputs: dict) -> tuple[int, int, int]:
-    """TensorRT missing, a target it lacks: known before any work. Returns the batch profile."""
-    batch = args.batch or (1, 8, 32)
-    if args.engine:
-        from .engine import check_build_options
+def _export_staged(out, args, options, model, metadata: dict, dataset_hint: str | None) -> dict | None:
+    """qvit-export's steps inside an open OutputSet (the library's deploy_staged): ONNX, parity, engine; commits
+    the set (with whatever else the command staged in it). Returns the build report, or None without --engine."""
+    from .deploy import deploy_staged
 
-        _, library = check_build_options(args.target, args.compute_capability, batch)
-        if args.timing_cache and library == "tensorrt":  # read and updated: an output of the set
-            outputs["--timing-cache"] = Path(args.timing_cache)
-    return batch
-
-
-def _export_options(args):
-    from .onnx_export import ExportOptions
-
-    return ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset, int4_block=args.int4_block,
-                         dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm,
-                         exporter=args.exporter)
-
-
-def _export_staged(out, args, outputs: dict, model, metadata: dict, dataset_hint: str | None, batch) -> dict | None:
-    """qvit-export's steps inside an open OutputSet: ONNX, parity, engine; commits the set (with whatever else
-    the command staged in it). Returns the build result, or None without --engine."""
-    options = _export_options(args)
-    images = what = None
-    if not args.no_parity:
+    images = None
+    if options.parity is not None:
         from .data import parity_images
 
         images, what = parity_images(args.parity_data, model, args.parity_images, dataset_hint, flag="--parity-data",
                                      max_image_bytes=_image_bytes(args))
-    from .parity import stage_export
-
-    fp16 = args.dtype == "fp16"  # parity's defaults follow the dtype (ParityThresholds.for_dtype)
-    start = time.perf_counter()
-    print(f"exporting {outputs['--onnx']} ({args.precision}, {args.dtype}, opset {options.resolved_opset()}, "
-          f"{options.exporter} exporter)",
-          flush=True)
-    report = stage_export(
-        out, model, images, options, metadata, simplify=not args.no_simplify, labels=("--onnx", "--parity-report"),
-        min_top1=args.min_top1_agreement, min_codes=args.min_code_match, max_lsb=args.max_lsb,
-        memory_mb=args.parity_memory)
-    onnx_bytes = out.stage("--onnx").stat().st_size
-    if report is not None:
         print(f"parity data: {what}")
-        print(report.table())
-        if fp16:
-            print("note: fp16 graph against the fp32 PyTorch model; measure its accuracy with qvit-eval --onnx")
-    print(f"ONNX ready: {onnx_bytes / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s")
-    if options.int4:
-        from .onnx_export import int4_layers
-
-        chosen, kept = int4_layers(model, options.int4_block)
-        print(f"INT4 weights (block {options.int4_block}): {len(chosen)} layers; INT8 weights: {len(kept)} layers"
-              + "".join(f"\n  {name}: {why}" for name, why in kept.items()))
-    if not args.engine:
-        out.commit()
-        return None
-    from .engine import write_engine
-
-    print(f"building {args.engine}", flush=True)
-    return write_engine(out, out.stage("--onnx"), labels=("--engine", "build report", "--timing-cache"),
-                        onnx_name=outputs["--onnx"], target=args.target, compute_capability=args.compute_capability,
-                        batch=batch, workspace_mib=args.workspace, allow_float_gemms=args.allow_float_gemms,
-                        timing_cache=args.timing_cache)
+    deployed = deploy_staged(out, model, options, images, metadata, _cli_labels(),
+                             log=lambda line: print(line, flush=True))
+    return deployed.build
 
 
 def _print_written(args, outputs: dict, parity: bool, built: dict | None) -> None:
@@ -332,10 +302,8 @@ def export_main(argv=None) -> int:
     from .checkpoint import model_from_checkpoint, read_checkpoint
     from .transaction import OutputSet
 
-    outputs, inputs, removes = _export_plan(args)
+    options, outputs, inputs, removes = _export_plan(args)
     inputs["--ckpt"] = Path(args.ckpt)
-    _export_options(args).resolved_opset()
-    batch = _check_engine_tools(args, outputs)
     ckpt_path = Path(args.ckpt)
     with OutputSet(outputs, inputs, removes) as out:
         ckpt = read_checkpoint(ckpt_path)
@@ -343,8 +311,8 @@ def export_main(argv=None) -> int:
             raise QvitError(f"{ckpt_path} holds a float model: quantize and calibrate it (qvit-quantize), or train "
                             "it (qvit-train), before export")
         model = model_from_checkpoint(ckpt, ckpt_path)  # one read of the file
-        built = _export_staged(out, args, outputs, model, _checkpoint_metadata(ckpt_path, ckpt),
-                               ckpt["extra"].get("dataset"), batch)
+        built = _export_staged(out, args, options, model, _checkpoint_metadata(ckpt_path, ckpt),
+                               ckpt["extra"].get("dataset"))
     _print_written(args, outputs, not args.no_parity, built)
     return 0
 
@@ -423,14 +391,12 @@ def quantize_main(argv=None) -> int:
     outputs = {"--out": out_path, "calibration set": drawn_path}
     inputs = {"--weights": Path(args.weights) if args.weights else None,
               "--calib": Path(args.calib) if Path(args.calib).exists() else None}
-    removes, batch = [], None
+    removes, options = [], None
     if export:
         args.ckpt = args.out
-        more, more_inputs, removes = _export_plan(args)
+        options, more, more_inputs, removes = _export_plan(args)
         outputs |= more
         inputs |= more_inputs
-        _export_options(args).resolved_opset()
-        batch = _check_engine_tools(args, outputs)
     from .transaction import OutputSet
 
     with OutputSet(outputs, inputs, removes) as out:
@@ -455,7 +421,7 @@ def quantize_main(argv=None) -> int:
         if export:
             ckpt = {"model": model.qvit_source, "quant": model.qvit_config.to_dict(), "extra": extra}  # as saved
             metadata = _checkpoint_metadata(out.stage("--out"), ckpt, out_path.name)
-            built = _export_staged(out, args, outputs, model, metadata, hint, batch)
+            built = _export_staged(out, args, options, model, metadata, hint)
         else:
             out.commit()
     print(f"wrote {out_path}" + (f" and the calibration set {drawn_path}" if drawn_path else ""))
@@ -602,7 +568,7 @@ def report_parser() -> argparse.ArgumentParser:
                                 "teacher's, block by block.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="a qvit-export checkpoint (its own bits)")
-    src.add_argument("--model", help="a timm model name (DeiT/ViT or Swin)")
+    src.add_argument("--model", help="a timm model name of a supported family (ViT/DeiT, Swin, EVA-02, Swin V2)")
     p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, help="weight and activation bits for --model")
     p.add_argument("--w-bits", type=int, choices=SUPPORTED_BITS, help="weight bits (default: --bits)")
     p.add_argument("--a-bits", type=int, choices=SUPPORTED_BITS, help="activation bits (default: --bits)")

@@ -47,34 +47,40 @@ def ptq(teacher: torch.nn.Module, cfg: QuantConfig, data=CALIBRATION_SET) -> tor
 DEPLOYED = (("int8", "W4A4 Q-ViT, INT8"), ("int4-weight-only", "Q-ViT, INT4 w-only"))
 
 
-def deploy(ckpt: Path, workdir: Path, test_set) -> dict:
-    """qvit-export's steps for one checkpoint, per precision (int8: the fastest engine; int4-weight-only: the
-    smallest): ONNX, parity on the test set, ORT accuracy, TensorRT-RTX plan and its anatomy."""
+def deploy_student(ckpt: Path, workdir: Path, test_set) -> dict:
+    """The library's deploy for one checkpoint, per precision (int8: the fastest engine; int4-weight-only: the
+    smallest): ONNX, parity on the test set, ORT accuracy, TensorRT-RTX plan for SM89 and its anatomy. Where no plan
+    can be built here, the ONNX and its parity report are still written and the row says why."""
     from .anatomy import summary_line
+    from .deploy import DeployOptions, DeployOutputs, deploy
+    from .engine import EngineOptions
     from .onnx_export import ExportOptions, file_sha256
-    from .parity import OnnxModule, export_with_parity
+    from .parity import OnnxModule
 
     model = load_checkpoint(ckpt)
+    metadata = {"checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt)}
     out = {}
     for precision, _ in DEPLOYED:
         onnx_path = workdir / "deploy" / f"w4a4_{precision}.onnx"
-        report = export_with_parity(model, onnx_path, test_set.tensors[0], ExportOptions(precision=precision),
-                                    metadata={"checkpoint": ckpt.name, "checkpoint_sha256": file_sha256(ckpt)})
+        engine = EngineOptions(target="tensorrt-rtx", compute_capability="sm89")
+        try:
+            engine.check()
+        except QvitError as e:  # no TensorRT-RTX here: deploy the rest, and say why there is no plan
+            engine, entry = None, {"onnx": onnx_path, "plan": None, "engine": f"not built: {e}"}
+        options = DeployOptions(ExportOptions(precision=precision), engine=engine)
+        outputs = DeployOutputs(onnx_path, engine=onnx_path.with_suffix(".plan") if engine else None)
+        deployed = deploy(model, options, outputs, test_set.tensors[0], metadata)
+        if engine is not None:
+            built = deployed.build
+            entry = {"onnx": onnx_path, "plan": outputs.engine,
+                     "engine": f"TensorRT-RTX {built['version']}, SM89, built in {built['build_seconds']:.1f} s; "
+                               + summary_line(built["anatomy"])}
+        report = deployed.parity
         codes = (f", codes equal >= {min(q.match_percent for q in report.quantizers.values()):.3f}%, max "
                  f"{max(q.max_lsb for q in report.quantizers.values())} LSB" if report.quantizers else "")
-        entry = {"onnx": onnx_path, "onnx_metrics": evaluate(OnnxModule(onnx_path), test_set, desc=f"ORT {precision}"),
-                 "parity": f"top-1 agreement {report.top1_agreement:.2f}% on {report.images} images{codes}, "
-                           f"weights identical: {report.weights_identical}", "plan": None}
-        try:
-            from .engine import build_engine
-
-            built = build_engine(onnx_path, onnx_path.with_suffix(".plan"), target="tensorrt-rtx",
-                                 compute_capability="sm89")
-            entry["plan"] = Path(built["plan"])
-            entry["engine"] = (f"TensorRT-RTX {built['version']}, SM89, built in {built['build_seconds']:.1f} s; "
-                               + summary_line(built["anatomy"]))
-        except QvitError as e:
-            entry["engine"] = f"not built: {e}"
+        entry["parity"] = (f"top-1 agreement {report.top1_agreement:.2f}% on {report.images} images{codes}, "
+                           f"weights identical: {report.weights_identical}")
+        entry["onnx_metrics"] = evaluate(OnnxModule(onnx_path), test_set, desc=f"ORT {precision}")
         out[precision] = entry
     return out
 
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
             rows.append((label, "PyTorch", evaluate(student, test_set, desc=label), path))
         rows.append(("W4A4 Q-ViT (QAT)", "PyTorch", evaluate(load_checkpoint(student_ckpt), test_set, desc="Q-ViT"),
                      student_ckpt))
-        deployed = deploy(student_ckpt, workdir, test_set)
+        deployed = deploy_student(student_ckpt, workdir, test_set)
         for precision, label in DEPLOYED:
             rows.append((label, "ONNX Runtime", deployed[precision]["onnx_metrics"], deployed[precision]["onnx"]))
     except QvitError as e:

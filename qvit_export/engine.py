@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import evidence_path, write_text
@@ -275,39 +276,76 @@ def default_report_path(plan_path) -> Path:
     return Path(plan_path).with_suffix(".build.json")
 
 
-def build_engine(onnx_path, plan_path, target: str = "auto", compute_capability: str | None = None,
-                 batch: tuple[int, int, int] = (1, 8, 32), workspace_mib: int | None = None,
-                 timing_cache=None, report_path=None, allow_float_gemms: bool = False, progress: bool = True) -> dict:
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to build a plan. ``target``: auto (TensorRT, else TensorRT-RTX), tensorrt or tensorrt-rtx;
+    ``compute_capability`` (TensorRT-RTX only, e.g. "sm89"): build ahead of time for that GPU, here, without one;
+    ``batch``: the dynamic batch profile (min, opt, max); ``workspace_mib``: the builder's memory pool (None: its
+    default); ``timing_cache``: a file TensorRT reads and updates (TensorRT-RTX keeps none); ``allow_float_gemms``:
+    keep a plan in which a quantized layer became a float GEMM (otherwise the build fails, with its anatomy as
+    evidence)."""
+
+    target: str = "auto"
+    compute_capability: str | None = None
+    batch: tuple[int, int, int] = (1, 8, 32)
+    workspace_mib: int | None = None
+    timing_cache: str | Path | None = None
+    allow_float_gemms: bool = False
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise QvitError(f"target {self.target!r} is unknown: choose one of {', '.join(TARGETS)}")
+        try:
+            batch = tuple(int(b) for b in self.batch)
+        except (TypeError, ValueError):
+            batch = ()
+        if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
+            raise QvitError(f"--batch {self.batch!r} must be min,opt,max with 1 <= min <= opt <= max")
+        object.__setattr__(self, "batch", batch)
+
+    def check(self):
+        """Everything about the build that can be refused before any work: (TensorRT module, library name)."""
+        return check_build_options(self.target, self.compute_capability, self.batch)
+
+    def timing_cache_path(self, library: str) -> Path | None:
+        """The timing cache the build reads and updates: TensorRT's only."""
+        return Path(self.timing_cache) if self.timing_cache and library == "tensorrt" else None
+
+
+def build_engine(onnx_path, plan_path, options: EngineOptions | None = None, report_path=None, progress: bool = True,
+                 **settings) -> dict:
     """Build a TensorRT plan from a QDQ ONNX file; the plan and its build report JSON (and an updated timing
-    cache) replace what was there together, or not at all (transaction.py).
+    cache) replace what was there together, or not at all (transaction.py). ``options``, or its fields as keyword
+    arguments (``target="tensorrt-rtx", compute_capability="sm89"``).
 
     The report's ``anatomy`` (anatomy.py) says which kernel computes each quantized layer and in which
     datatypes; a quantized layer left as a float GEMM fails the build (nothing written but the evidence,
     ``<report>.failed.json``) unless ``allow_float_gemms``."""
     from .transaction import OutputSet
 
-    _, library = check_build_options(target, compute_capability, batch)
+    if options is not None and settings:
+        raise QvitError("give build_engine an EngineOptions or its fields as keywords, not both")
+    options = options or EngineOptions(**settings)
+    _, library = options.check()
     plan_path = Path(plan_path)
     report_path = Path(report_path) if report_path else default_report_path(plan_path)
-    cache = Path(timing_cache) if timing_cache and library == "tensorrt" else None  # TensorRT-RTX keeps none
-    outputs = {"plan": plan_path, "build report": report_path, "timing cache": cache}
+    outputs = {"plan": plan_path, "build report": report_path, "timing cache": options.timing_cache_path(library)}
     with OutputSet(outputs, inputs={"onnx": Path(onnx_path)}, removes=[evidence_path(report_path)]) as out:
-        return write_engine(out, onnx_path, target=target, compute_capability=compute_capability, batch=batch,
-                            workspace_mib=workspace_mib, allow_float_gemms=allow_float_gemms, progress=progress,
-                            labels=("plan", "build report", "timing cache"), onnx_name=onnx_path,
-                            timing_cache=timing_cache)
+        return write_engine(out, onnx_path, ("plan", "build report", "timing cache"), options, onnx_name=onnx_path,
+                            progress=progress)
 
 
-def write_engine(out, onnx_path, labels: tuple[str, str, str], onnx_name=None, allow_float_gemms: bool = False,
-                 timing_cache=None, **build) -> dict:
+def write_engine(out, onnx_path, labels: tuple[str, str, str], options: EngineOptions, onnx_name=None,
+                 progress: bool = True) -> dict:
     """Build into an open OutputSet ``out`` whose outputs ``labels`` (plan, build report, and the timing cache
     when TensorRT uses one) are staged, check the anatomy, write the staged files, and commit. TensorRT reads
-    ``timing_cache`` where it is; its update is staged like the plan."""
+    the timing cache where it is; its update is staged like the plan."""
     plan_label, report_label, cache_label = labels
     report_path = out.outputs[report_label]
-    plan, report, cache_bytes = build_plan(onnx_path, timing_cache=timing_cache, plan_name=out.outputs[plan_label],
-                                           onnx_name=onnx_name, **build)
-    check_float_gemms(report, report_path, allow_float_gemms)
+    plan, report, cache_bytes = build_plan(onnx_path, options.target, options.compute_capability, options.batch,
+                                           options.workspace_mib, options.timing_cache,
+                                           plan_name=out.outputs[plan_label], onnx_name=onnx_name, progress=progress)
+    check_float_gemms(report, report_path, options.allow_float_gemms)
     report["report"] = str(report_path)
     out.write(report_label, json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode())
     out.write(plan_label, plan)

@@ -339,24 +339,3 @@ def stage_export(out, model: nn.Module, images: torch.Tensor | None, options=Non
                         "loosen --min-top1-agreement/--min-code-match/--max-lsb if the figures are acceptable")
     out.write(report_label, report.to_json().encode())
     return report
-
-
-def export_with_parity(model: nn.Module, onnx_path, images: torch.Tensor, options=None, metadata: dict | None = None,
-                       simplify: bool = True, report_path=None, min_top1: float | None = None,
-                       min_codes: float | None = None, max_lsb: int | None = None,
-                       progress: bool = True, memory_mb: int = DEFAULT_MEMORY_MB) -> ParityReport:
-    """Export, prove parity on ``images``, and only then put the ONNX file at ``onnx_path`` and its JSON report
-    beside it (or at ``report_path``), both or neither. A failing report is written to
-    ``<report>.failed.json`` and the error names it; the files already there are left as they were. Thresholds
-    left None are the defaults of the export's dtype (ParityThresholds.for_dtype)."""
-    from .atomic import evidence_path
-    from .transaction import OutputSet
-
-    onnx_path = Path(onnx_path)
-    report_path = Path(report_path) if report_path else default_report_path(onnx_path)
-    with OutputSet({"onnx": onnx_path, "parity report": report_path},
-                   removes=[evidence_path(report_path)]) as out:
-        report = stage_export(out, model, images, options, metadata, simplify, min_top1=min_top1,
-                              min_codes=min_codes, max_lsb=max_lsb, progress=progress, memory_mb=memory_mb)
-        out.commit()
-    return report

@@ -40,7 +40,6 @@ from .evaluation import evaluation_sums, metrics_from_sums
 from .train_data import set_epoch, training_data
 from .untrusted import check_finite
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table")
 CSV_FIELDS = ("epoch", "lr", "train_loss", "train_ce", "train_kd", "train_dgd", "val_top1", "val_top5", "val_loss",
               "images_per_s", "seconds")
 
@@ -177,12 +176,14 @@ def frozen_fp_teacher(teacher: nn.Module) -> nn.Module:
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, step_lr_scale: float = 1.0,
                  irm_lr_scale: float = 1.0) -> list[dict]:
-    """Weight decay on weight matrices only: not on biases, norms, quantizer steps, tokens or position tables.
+    """Weight decay on weight matrices only: not on biases, norms, quantizer steps, or the parameters the timm model
+    itself names (``no_weight_decay()``: tokens, position tables, Swin V2's logit scales and position-bias MLP).
     LSQ steps and IRM parameters get their own learning rates (``lr`` times the scale): Adam moves every
     parameter by about lr per step whatever its size, which is 2% of a 4-bit weight step of 0.01 at lr 2e-4."""
     from .quantize import irm_norms
 
     irm = {id(p) for _, norm in irm_norms(model) for p in norm.parameters()}
+    timm_no_decay = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay, steps, irm_params = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -191,7 +192,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, step_lr_scale
             steps.append(p)
         elif id(p) in irm:
             irm_params.append(p)
-        elif p.ndim <= 1 or any(n in name for n in NO_DECAY_NAMES):
+        elif p.ndim <= 1 or name in timm_no_decay:
             no_decay.append(p)
         else:
             decay.append(p)

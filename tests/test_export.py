@@ -16,7 +16,7 @@ from qvit_export.lsq import LSQQuantizer
 from qvit_export.demo import DEMO_KWARGS
 from qvit_export.onnx_export import ExportOptions, export_onnx
 from qvit_export.onnx_graph import qdq_counts, quantized_ops
-from qvit_export.parity import compare, export_with_parity
+from qvit_export.parity import compare
 
 DEPTH = DEMO_KWARGS["depth"]
 BITS = [8, 4, 3, 2]
@@ -217,9 +217,11 @@ def test_fp16_graph(fmnist_exports, fmnist_test, figures):
     figures(f"fp16 graph vs fp32 PyTorch: {report.table(rows=3)}")
     assert report.weights_identical and not report.failures(min_top1=90.0, min_codes=98.0)
     # a library caller gets the FP16 thresholds from the options alone (FP32's 99.9% would refuse this graph)
-    lib = export_with_parity(qm, path.with_name("w4_fp16_lib.onnx"), images, ExportOptions(dtype="fp16"),
-                             progress=False)
-    assert not lib.failures(min_top1=90.0, min_codes=98.0)
+    from qvit_export import DeployOptions, DeployOutputs, deploy
+
+    lib = deploy(qm, DeployOptions(ExportOptions(dtype="fp16")), DeployOutputs(path.with_name("w4_fp16_lib.onnx")),
+                 images, progress=False)
+    assert not lib.parity.failures(min_top1=90.0, min_codes=98.0) and lib.build is None
     subset = torch.utils.data.TensorDataset(images, fmnist_test.tensors[1][:2000])
     top1_fp16 = evaluate(OnnxModule(path16), subset, progress=False)["top1"]
     top1_torch = evaluate(qm, subset, progress=False)["top1"]

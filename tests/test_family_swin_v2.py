@@ -106,3 +106,15 @@ def test_export_parity_on_photographs(bits, swin_v2_exports, figures):
 @pytest.mark.slow  # exports a full-size model
 def test_sm89_plan_runs_every_layer_on_int8(swin_v2_exports, tmp_path, figures):
     assert_sm89_int8_plan(NAME, swin_v2_exports[4][0], tmp_path, QUANTIZED_LAYERS, figures)
+
+
+def test_weight_decay_spares_what_timm_names():
+    """The trainer decays weight matrices only, sparing the parameters timm's model names: here the logit scales
+    and the position-bias MLP (which quantize leaves float) beside the biases and norms."""
+    from qvit_export.trainer import param_groups
+
+    _, qm = _pair()
+    decayed = {id(p) for p in param_groups(qm, 0.05, 1e-3)[0]["params"]}
+    names = {name for name, p in qm.named_parameters() if id(p) in decayed}
+    assert not any("logit_scale" in n or "cpb_mlp" in n for n in names)
+    assert "layers.0.blocks.0.attn.qkv.weight" in names and "layers.0.blocks.0.mlp.fc1.weight" in names
