@@ -17,7 +17,7 @@ from .calibration_set import CalibrationSet, read_manifest
 from .errors import QvitError
 from .irm import IRM_STEPS, fit_irm
 from .layers import QuantAttentionMixin
-from .lsq import LSQQuantizer
+from .lsq import ACTIVATION, WEIGHT, LSQQuantizer
 from .quantize import quantizers, quantizers_disabled
 from .untrusted import MAX_IMAGE_BYTES
 
@@ -163,7 +163,7 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
     fit_irm(model, batches, steps=irm_steps, seed=seed, progress=progress)
 
     # Activation statistics in float, IRM in place, explicit attention so q/k/v/softmax inputs are seen.
-    acts = {name: q for name, q in named if not q.per_channel}
+    acts = {name: q for name, q in named if q.role == ACTIVATION}
     stats = {name: _ActivationStats(seed + i) for i, name in enumerate(acts)}
     hooks = [q.register_forward_pre_hook(lambda m, inp, s=stats[name]: s.update(inp[0])) for name, q in acts.items()]
     attentions = [m for m in model.modules() if isinstance(m, QuantAttentionMixin)]
@@ -186,7 +186,7 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
         q.signed = st.min < 0
         q.set_step(choose_step(method, st.sample(), q, torch.tensor(st.max_abs)))
     for name, q in named:
-        if q.per_channel:  # a weight quantizer: its owner's weight is all the data it needs
+        if q.role == WEIGHT:  # its owner's weight is all the data it needs
             w = model.get_submodule(name.rsplit(".", 1)[0]).weight.detach()
             q.set_step(choose_step(method, w.reshape(w.shape[0], -1).float(), q))
     from .quantize import check_steps

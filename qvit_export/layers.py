@@ -1,5 +1,5 @@
-"""Quantized drop-ins for timm's layers: Linear, Conv2d, and the attention of DeiT and Swin (other families keep
-theirs in their own module, families/<name>.py, on the same mixin).
+"""Quantized drop-ins for timm's layers: Linear and Conv2d, IRM's norms, and the mixin every family's quantized
+attention is built on (each family keeps its attention class in its own module, families/<name>.py).
 
 Each class subclasses the timm/torch class it replaces and is installed by swapping ``__class__`` on the
 existing module (see quantize.py), so parameter names, and therefore state-dict keys, stay timm's.
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.swin_transformer import WindowAttention
 from torch import nn
 
-from .lsq import LSQQuantizer
+from .lsq import WEIGHT, LSQQuantizer, PerChannel
 
 
 class QuantWeightMixin:
@@ -22,7 +20,8 @@ class QuantWeightMixin:
     def attach_quantizers(self, w_bits: int, a_bits: int, name: str) -> None:
         self.input_quantizer = LSQQuantizer(a_bits, name=name + ".input_quantizer")
         step_shape = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
-        self.weight_quantizer = LSQQuantizer(w_bits, step_shape, signed=True, name=name + ".weight_quantizer")
+        self.weight_quantizer = LSQQuantizer(w_bits, step_shape, signed=True, name=name + ".weight_quantizer",
+                                             role=WEIGHT, granularity=PerChannel(axis=0))
 
 
 class QuantLinear(QuantWeightMixin, nn.Linear):
@@ -179,42 +178,3 @@ class QuantAttentionMixin:
         attn = self.attn_quantizer(attn.softmax(dim=-1))
         attn = self.attn_drop(attn)
         return attn @ self.v_quantizer(v)
-
-
-class QuantAttention(QuantAttentionMixin, Attention):
-    """timm ViT/DeiT attention with explicit, quantized matmuls; IRM in timm's q_norm/k_norm slots."""
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        if not self.explicit:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("quantized attention supports no attention mask (ViT/DeiT use none)")
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        q, k, v = self.heads(x)
-        x = self.quantized_attention(q, k, v)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
-
-
-class QuantWindowAttention(QuantAttentionMixin, WindowAttention):
-    """timm Swin window attention (relative position bias, shifted-window mask), quantized."""
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not self.explicit and isinstance(self.q_norm, nn.Identity):
-            return super().forward(x, mask)
-        B_, N, _ = x.shape
-        q, k, v = self.heads(x)
-
-        def add_bias(attn):  # the same additions, in the same order, as timm's unfused path
-            attn = attn + self._get_rel_pos_bias()
-            if mask is not None:
-                num_win = mask.shape[0]
-                attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-                attn = attn.view(-1, self.num_heads, N, N)
-            return attn
-
-        x = self.quantized_attention(q, k, v, add_bias)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, -1)))

@@ -11,6 +11,7 @@ INT8 with a zero point of 0 (TensorRT has no UINT8 quantization).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -37,18 +38,46 @@ def code_range(bits: int, signed: bool) -> tuple[int, int]:
     return 0, min(2**bits - 1, 127)
 
 
+WEIGHT, ACTIVATION = "weight", "activation"  # a quantizer's role
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One step for the whole tensor (every activation quantizer: TensorRT's only activation scale)."""
+
+    kind = "tensor"
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One step per index of ``axis`` (weights: the output channel, axis 0 of timm's [out, in] layout)."""
+
+    axis: int = 0
+    kind = "channel"
+
+
 class LSQQuantizer(nn.Module):
     """Fake-quantizes its input with a learned step.
 
-    ``step_shape`` is ``()`` for a per-tensor quantizer, or the shape that broadcasts one step per output
-    channel over a weight (``(C_out, 1)`` for Linear, ``(C_out, 1, 1, 1)`` for Conv2d). Until calibration sets
+    ``role`` says what it quantizes (WEIGHT or ACTIVATION) and ``granularity`` how many steps it has (PerTensor,
+    PerChannel): calibration, parity and export read them. ``step_shape`` is ``()`` for a per-tensor quantizer, or
+    the shape that broadcasts one step per output channel over a weight (``(C_out, 1)`` for Linear,
+    ``(C_out, 1, 1, 1)`` for Conv2d); the granularity defaults to what it describes. INT4 blocks are an export
+    encoding of per-channel codes (onnx_export), not a training granularity. Until calibration sets
     the step (``initialized``), an enabled quantizer refuses to run. ``enabled = False`` makes it the identity.
     ``excluded`` (set by ``quantize`` for a group that ``QuantConfig.groups`` leaves out) keeps it the identity
     for good: ``enabled`` then reads False whatever is assigned to it.
     """
 
-    def __init__(self, bits: int, step_shape: tuple[int, ...] = (), signed: bool = True, name: str = ""):
+    def __init__(self, bits: int, step_shape: tuple[int, ...] = (), signed: bool = True, name: str = "",
+                 role: str = ACTIVATION, granularity: PerTensor | PerChannel | None = None):
         super().__init__()
+        if role not in (WEIGHT, ACTIVATION):
+            raise QvitError(f"quantizer '{name}': role {role!r} is neither {WEIGHT!r} nor {ACTIVATION!r}")
+        granularity = granularity or (PerChannel(0 if role == WEIGHT else -1) if step_shape else PerTensor())
+        if isinstance(granularity, PerTensor) != (tuple(step_shape) == ()):
+            raise QvitError(f"quantizer '{name}': a {granularity.kind} step cannot have the shape {tuple(step_shape)}")
+        self.role, self.granularity = role, granularity
         self.bits = check_bits("bits", bits)
         self.signed = bool(signed)
         self.name = name
@@ -67,7 +96,7 @@ class LSQQuantizer(nn.Module):
 
     @property
     def per_channel(self) -> bool:
-        return self.step.dim() > 0
+        return isinstance(self.granularity, PerChannel)
 
     @property
     def qmin(self) -> int:
@@ -125,7 +154,7 @@ class LSQQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        kind = "per-channel" if self.per_channel else "per-tensor"
+        kind = f"{self.role}, per-{self.granularity.kind}"
         sign = "signed" if self.signed else "unsigned"
         state = "" if self.initialized else ", uncalibrated"
         off = ", excluded" if self.excluded else ("" if self.enabled else ", off")

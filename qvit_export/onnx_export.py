@@ -35,7 +35,7 @@ from torch import nn
 
 from .errors import QvitError
 from .layers import IRMNorm, QuantConv2d, QuantLinear, head_layer_norm
-from .lsq import LSQQuantizer
+from .lsq import ACTIVATION, LSQQuantizer
 from . import onnx_routes
 from .onnx_graph import OWNER_KEY
 from .timm_models import input_shape
@@ -428,7 +428,7 @@ def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
                                 "model quantized in every group")
             if not mod.enabled:
                 raise QvitError(f"quantizer '{name}' is switched off: enable every quantizer before export")
-            if mod.per_channel and not name.endswith("weight_quantizer") and not options.weight_only:
+            if mod.role == ACTIVATION and mod.per_channel and not options.weight_only:
                 raise QvitError(f"'{name}' quantizes an activation per channel, which TensorRT cannot run: retrain "
                                 "with per-tensor activation quantizers (the default QuantConfig)")
 

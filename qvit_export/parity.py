@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_text
 from .errors import QvitError
+from .lsq import ACTIVATION
 from .quantize import quantizers, quantizers_disabled
 
 MIN_TOP1_AGREEMENT = 99.9   # percent of images whose top-1 class matches
@@ -232,7 +233,7 @@ def _compare(model, graph, onnx_path, images, batch_size, progress, weight_only,
         if expected is None or stored.shape != expected.shape or not np.array_equal(stored, expected):
             report.weights_identical = False
             report.weight_mismatches.append(name)
-    missing = set() if weight_only else set(n for n, q in named.items() if not q.per_channel) - set(taps)
+    missing = set() if weight_only else set(n for n, q in named.items() if q.role == ACTIVATION) - set(taps)
     if missing:
         raise QvitError(f"the ONNX graph has no QuantizeLinear for {sorted(missing)[:3]}: export it again")
 

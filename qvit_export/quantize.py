@@ -11,7 +11,7 @@ from .config import QuantConfig
 from .errors import QvitError
 from .families import family_for_model
 from .layers import IRMNorm, QuantAttentionMixin, QuantConv2d, QuantLinear
-from .lsq import LSQQuantizer
+from .lsq import WEIGHT, LSQQuantizer
 
 
 def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Module:
@@ -97,7 +97,7 @@ def set_quantizers_enabled(model: nn.Module, enabled: bool) -> None:
 def quantizers_disabled(model: nn.Module, weights: bool = True):
     """Run the model in float (an FP teacher, or calibration statistics), then restore each quantizer.
     ``weights=False`` switches off only the activation quantizers: the PyTorch twin of a weight-only export."""
-    saved = [(q, q.enabled) for name, q in quantizers(model) if weights or not name.endswith("weight_quantizer")]
+    saved = [(q, q.enabled) for _, q in quantizers(model) if weights or q.role != WEIGHT]
     for q, _ in saved:
         q.enabled = False
     try:

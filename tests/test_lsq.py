@@ -111,3 +111,22 @@ def test_disabled_quantizer_is_identity():
     q.enabled = False
     x = torch.randn(100)
     assert q(x) is x
+
+
+def test_a_quantizer_says_its_role_and_granularity():
+    """Role and granularity are fields set where the quantizer is made, which calibration, parity and export read;
+    a step shape that contradicts the granularity is refused."""
+    from qvit_export import QuantConfig, QvitError, create_model, quantize, quantizers
+    from qvit_export.lsq import ACTIVATION, WEIGHT, PerChannel, PerTensor
+
+    named = dict(quantizers(quantize(create_model("test_vit"), QuantConfig())))
+    for name, q in named.items():
+        is_weight = name.endswith("weight_quantizer")
+        assert q.role == (WEIGHT if is_weight else ACTIVATION)
+        assert q.granularity == (PerChannel(axis=0) if is_weight else PerTensor())
+        assert (q.step.dim() >= 2) == is_weight  # [out, 1, ...] broadcast over the weight, a scalar otherwise
+    assert "weight, per-channel" in repr(named["blocks.0.attn.qkv.weight_quantizer"])
+    with pytest.raises(QvitError, match="a tensor step cannot have the shape"):
+        LSQQuantizer(4, (8, 1), name="w", role=WEIGHT, granularity=PerTensor())
+    with pytest.raises(QvitError, match="role 'bias'"):
+        LSQQuantizer(4, name="b", role="bias")

@@ -2,7 +2,40 @@
 merging between stages."""
 from __future__ import annotations
 
+from functools import cache
+
 from .base import COMMON_ARGS, Arg, Family, register_family
+
+
+@cache  # one class for good: quantize, report and isinstance checks compare classes
+def _quantized_attention_class():
+    import torch
+    from timm.models.swin_transformer import WindowAttention
+    from torch import nn
+
+    from ..layers import QuantAttentionMixin
+
+    class QuantWindowAttention(QuantAttentionMixin, WindowAttention):
+        """timm Swin window attention (relative position bias, shifted-window mask), quantized."""
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+            if not self.explicit and isinstance(self.q_norm, nn.Identity):
+                return super().forward(x, mask)
+            B_, N, _ = x.shape
+            q, k, v = self.heads(x)
+
+            def add_bias(attn):  # the same additions, in the same order, as timm's unfused path
+                attn = attn + self._get_rel_pos_bias()
+                if mask is not None:
+                    num_win = mask.shape[0]
+                    attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+                    attn = attn.view(-1, self.num_heads, N, N)
+                return attn
+
+            x = self.quantized_attention(q, k, v, add_bias)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B_, N, -1)))
+
+    return WindowAttention, QuantWindowAttention
 
 
 @register_family
@@ -20,11 +53,8 @@ class Swin(Family):
     }
 
     def attention_swaps(self) -> dict[type, type]:
-        from timm.models.swin_transformer import WindowAttention
-
-        from ..layers import QuantWindowAttention
-
-        return {WindowAttention: QuantWindowAttention}
+        timm_class, quantized = _quantized_attention_class()
+        return {timm_class: quantized}
 
     def architecture_kwargs(self, model) -> dict:
         return super().architecture_kwargs(model) | {

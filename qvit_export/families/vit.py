@@ -2,7 +2,37 @@
 fused qkv projection per block, attention over every token."""
 from __future__ import annotations
 
+from functools import cache
+
 from .base import COMMON_ARGS, DROP, Arg, Family, grid_patch_positions, register_family
+
+
+@cache  # one class for good: quantize, report and isinstance checks compare classes
+def _quantized_attention_class():
+    import torch
+    from timm.layers import Attention
+
+    from ..errors import QvitError
+    from ..layers import QuantAttentionMixin
+
+    class QuantAttention(QuantAttentionMixin, Attention):
+        """timm ViT/DeiT attention with explicit, quantized matmuls; IRM in timm's q_norm/k_norm slots."""
+
+        def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+            if not self.explicit:
+                return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            if attn_mask is not None or is_causal:
+                raise QvitError("quantized ViT attention takes no attention mask: ViT/DeiT classifiers use none")
+            B, N, _ = x.shape
+            gate = self.gate(x).sigmoid() if self.gate is not None else None
+            q, k, v = self.heads(x)
+            x = self.quantized_attention(q, k, v)
+            x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+            if gate is not None:
+                x = x * gate
+            return self.proj_drop(self.proj(x))
+
+    return Attention, QuantAttention
 
 
 @register_family
@@ -21,11 +51,8 @@ class ViT(Family):
     }
 
     def attention_swaps(self) -> dict[type, type]:
-        from timm.layers import Attention
-
-        from ..layers import QuantAttention
-
-        return {Attention: QuantAttention}
+        timm_class, quantized = _quantized_attention_class()
+        return {timm_class: quantized}
 
     def patch_positions(self, model):
         return grid_patch_positions(model)
