@@ -125,22 +125,3 @@ def read_weights_file(path) -> tuple[dict | None, dict]:
         ckpt = _checked(obj, path)
         return ckpt, ckpt["state_dict"]
     return None, state_dict_of(obj, path)
-
-
-def load_model_file(path, name: str | None = None, kwargs: dict | None = None,
-                    where: str = "model_kwargs") -> nn.Module:
-    """A model from one read of ``path``: our checkpoint (it names its model), or a timm weights file for the
-    timm model ``name`` built with ``kwargs`` (from a recipe: checked by timm_models.build_from_state; ``where``
-    names them in messages)."""
-    from .timm_models import build_from_state
-
-    path = Path(path)
-    ckpt, state = read_weights_file(path)
-    if ckpt is not None:
-        return model_from_checkpoint(ckpt, path)
-    if not name:
-        raise QvitError(f"{path} is a plain weights file: say which timm model it belongs to")
-    model = build_from_state(name, kwargs or {}, state, f"{path} ({where})", hint=f"give the {where} of the model "
-                             "these weights belong to")
-    check_finite(model, str(path))
-    return model

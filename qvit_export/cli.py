@@ -592,13 +592,14 @@ def report_parser() -> argparse.ArgumentParser:
 def _attention_report(args, model) -> dict:
     """qvit-report --attention: the diagnostics of ``model`` (a quantized checkpoint) against --teacher."""
     from .attention import attention_diagnostics, table
-    from .checkpoint import load_model_file
+    from .fp_models import Names, load_fp_model
     from .data import parity_images
 
     if getattr(model, "qvit_config", None) is None:
         raise QvitError(f"--attention needs a quantized student: {args.ckpt} is an FP model (give it as --teacher)")
     source = model.qvit_source
-    teacher = load_model_file(args.teacher, source["name"], source["kwargs"])
+    teacher = load_fp_model(source["name"], source["kwargs"], args.teacher, names=Names("--teacher", "--ckpt's model",
+                                                                                        "--ckpt's model arguments"))
     recipe = (model.qvit_checkpoint["extra"].get("recipe") or {})
     form = args.dgd_form or recipe.get("dgd_form", "cosine")
     images, what = parity_images(args.data, model, args.images, flag="--data")

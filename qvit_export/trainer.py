@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_text
 from .calibrate import calibrate
-from .checkpoint import load_model_file, read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .config import QuantConfig
 from .distill import dgd_loss, logit_distillation, tapped
 from .errors import QvitError
@@ -90,33 +90,13 @@ def seed_everything(seed: int, rank: int = 0, epoch: int = 0) -> None:
 
 def load_teacher(recipe: dict) -> nn.Module:
     """The FP teacher: our FP checkpoint, a timm weights file (with the recipe's model), or timm's pretrained."""
-    from .timm_models import create_model
+    from .fp_models import Names, load_fp_model
 
-    spec, name, kwargs = recipe["teacher"], recipe["model"], recipe["model_kwargs"]
-    if spec == "pretrained":
-        if not name:
-            raise QvitError("teacher: pretrained needs model: a timm model name")
-        from .model_args import check_model_kwargs
-
-        kwargs = check_model_kwargs(name, kwargs, "recipe model_kwargs")
-        try:
-            return create_model(name, pretrained=True, **kwargs)
-        except QvitError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the hub fails in many ways offline
-            raise QvitError(f"could not fetch timm's pretrained {name} ({type(e).__name__}): download the weights "
-                            "elsewhere and set teacher to the local file") from None
-    path = Path(spec)
-    if not path.is_file():
-        raise QvitError(f"teacher not found: {path} (train one with qvit-train mode=fp, or give a timm weights file)")
-    teacher = load_model_file(path, name, kwargs)
-    if getattr(teacher, "qvit_config", None) is not None:
-        raise QvitError(f"teacher {path} is a quantized model: the teacher must be the FP model (its best.pt "
-                        "from a mode=fp run)")
-    if name and teacher.qvit_source["name"] != name:
-        raise QvitError(f"teacher {path} is a {teacher.qvit_source['name']} but the recipe says {name}: the student "
-                        "starts from the teacher, so they must match")
-    return teacher
+    spec, pretrained = recipe["teacher"], recipe["teacher"] == "pretrained"
+    if not spec:
+        raise QvitError("a QAT recipe needs teacher: our FP checkpoint, a timm weights file, or pretrained")
+    return load_fp_model(recipe["model"], recipe["model_kwargs"], None if pretrained else spec, pretrained,
+                         names=Names("teacher", "model", "recipe model_kwargs"))
 
 
 def calibration_set(recipe: dict, progress: bool = True):
@@ -140,28 +120,13 @@ def read_resume(path) -> dict:
 
 
 def fp_model(recipe: dict) -> nn.Module:
-    """The model an FP run trains: random, from a local timm weights file (checked as any file from elsewhere:
-    timm_models.build_from_state), or timm's pretrained weights; its arguments pass the family's allow-list."""
-    from .model_args import check_model_kwargs
-    from .timm_models import build_from_state, create_model
+    """The model an FP run trains: random, from a local weights file, or timm's pretrained weights
+    (fp_models.load_fp_model), with the recipe's drop-path rate."""
+    from .fp_models import Names, load_fp_model
 
-    kwargs = check_model_kwargs(recipe["model"], recipe["model_kwargs"], "recipe model_kwargs")
-    kwargs |= {"drop_path_rate": recipe["drop_path"]} if recipe["drop_path"] else {}
-    if recipe["weights"]:
-        from .torch_files import load_state_dict_file
-
-        model = build_from_state(recipe["model"], kwargs, load_state_dict_file(recipe["weights"]),
-                                 f"weights {recipe['weights']}", hint="give the weights of the recipe's model (and "
-                                 "its model_kwargs)")
-        check_finite(model, f"weights {recipe['weights']}")
-        return model
-    try:
-        return create_model(recipe["model"], pretrained=recipe["pretrained"], **kwargs)
-    except QvitError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the hub fails in many ways offline
-        raise QvitError(f"could not build {recipe['model']} ({type(e).__name__}: {str(e)[:160]}): check model, "
-                        "pretrained and weights") from None
+    kwargs = dict(recipe["model_kwargs"]) | ({"drop_path_rate": recipe["drop_path"]} if recipe["drop_path"] else {})
+    return load_fp_model(recipe["model"], kwargs, recipe["weights"], recipe["pretrained"],
+                         names=Names("weights", "model", "recipe model_kwargs"))
 
 
 def frozen_fp_teacher(teacher: nn.Module) -> nn.Module:

@@ -261,5 +261,5 @@ def test_teacher_sources(teacher_ckpt, fmnist_teacher, fmnist_calibration, tmp_p
     with pytest.raises(QvitError, match="plain weights file"):
         load_teacher({"teacher": str(weights), "model": None, "model_kwargs": {}})
     quantized = save_checkpoint(tmp_path / "q.pt", quantize(fmnist_teacher, QuantConfig(w_bits=8, a_bits=8, irm=False)))
-    with pytest.raises(QvitError, match="is a quantized model"):
+    with pytest.raises(QvitError, match="teacher .* is already quantized"):
         load_teacher({"teacher": str(quantized), "model": None, "model_kwargs": {}})
