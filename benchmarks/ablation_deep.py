@@ -164,7 +164,7 @@ def measure_balance(probe: Probe, choices: Choices) -> None:
                 torch.manual_seed(0)
                 rows.append(measure(trainer, form=form))
                 r = rows[-1]
-                print(f"DGD balance W{bits}A{bits} irm={irm} {form}: DGD {r['dgd']:.2f}, gradient {r['ratio']:.1f}x "
+                print(f"DGD balance W{bits}A{bits} irm={irm} {form}: DGD {r.dgd:.2f}, gradient {r['ratio']:.1f}x "
                       f"the task's (level weight {1 / r['ratio']:.4f})", flush=True)
     weights = {form: float(f"{statistics.median(1 / r['ratio'] for r in rows if r['form'] == form):.2g}")
                for form in DGD_FORMS}
@@ -390,9 +390,9 @@ def write_results(probes: dict[str, Probe], args) -> str | None:
     when = datetime.date.today().isoformat()
     header = (f"Q-ViT ablation on the deep probe ({when}, {platform.machine()}, {os.cpu_count()} cores): teacher "
               f"{deep.teacher_recipe} ({fp['epochs']} epochs, {fp['train_minutes']:.0f} min of training, "
-              f"{fp['top1']:.2f}%); each student: recipe {deep.student_recipe}, {recipe['epochs']} epoch(s) of QAT on "
-              f"{recipe['train_limit'] or 60000} training images, lr {recipe['lr']:g}, soft logit distillation (weight "
-              f"{recipe['distill_weight']}), IRM fitted with {recipe['irm_steps']} steps{weights}. Best choices "
+              f"{fp['top1']:.2f}%); each student: recipe {deep.student_recipe}, {recipe.epochs} epoch(s) of QAT on "
+              f"{recipe.train_limit or 60000} training images, lr {recipe.lr:g}, soft logit distillation (weight "
+              f"{recipe.distill_weight}), IRM fitted with {recipe.irm_steps} steps{weights}. Best choices "
               f"(made once both seeds of the candidates finished): {chosen or 'not made yet'}. {done} of "
               f"{len(STUDENTS) * len(BITS) * len(SEEDS)} runs finished; top-1 on the 10,000 test images after the last "
               "epoch; diagnostics (qvit-report --attention) of each final student on the first 1,000 test images, "
@@ -402,7 +402,7 @@ def write_results(probes: dict[str, Probe], args) -> str | None:
     out = Path(args.results) / "ablation_deep"
     write_text(out.with_suffix(".md"), text)
     balance = {k: v for k, v in balance.items() if k != "teacher"} if balance else None  # no machine paths
-    write_text(out.with_suffix(".json"), json.dumps({"date": when, "fp": fp, "recipe": recipe, "dgd_balance": balance,
+    write_text(out.with_suffix(".json"), json.dumps({"date": when, "fp": fp, "recipe": recipe.to_dict(), "dgd_balance": balance,
                                                      "choices": saved, "table": table}, indent=2))
     if any(t["final"] is not None for t in table):
         plot(fp["top1"], table, out.with_suffix(".png"))

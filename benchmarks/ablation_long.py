@@ -38,7 +38,7 @@ from qvit_export.atomic import write_text  # noqa: E402
 from qvit_export.plots import save_figure  # noqa: E402
 from qvit_export.checkpoint import read_checkpoint  # noqa: E402
 from qvit_export.data import fashion_mnist  # noqa: E402
-from qvit_export.recipe import load_recipe  # noqa: E402
+from qvit_export.recipe import Recipe, load_recipe  # noqa: E402
 from qvit_export.evaluation import evaluate  # noqa: E402
 from qvit_export.config import IRM_VARIANTS  # noqa: E402
 from qvit_export.trainer import finished_run, saved_run, train_or_reuse  # noqa: E402
@@ -85,7 +85,7 @@ class Job:
         return f"{self.student.slug}_w{self.bits}a{self.bits}_s{self.seed}"
 
 
-def student_recipe(args, teacher: Path, job: Job) -> dict:
+def student_recipe(args, teacher: Path, job: Job) -> Recipe:
     overrides = {"name": job.name, "teacher": str(teacher), "w_bits": job.bits, "a_bits": job.bits,
                  "irm": job.student.irm, "dgd": job.student.dgd, "seed": job.seed}
     if args.epochs is not None:
@@ -97,14 +97,14 @@ def training_seconds(state: dict) -> float:
     return sum(row["seconds"] or 0 for row in state["extra"]["train_state"]["history"])
 
 
-def run_states(args, teacher: Path, jobs: list[Job], workdir: Path) -> dict[Job, tuple[dict, dict | None]]:
+def run_states(args, teacher: Path, jobs: list[Job], workdir: Path) -> dict[Job, tuple[Recipe, dict | None]]:
     """Each job's recipe and saved training state (``saved_run``: None when nothing of that recipe is saved), each
     last.pt read once."""
     recipes = {job: student_recipe(args, teacher, job) for job in jobs}
     return {job: (recipes[job], saved_run(workdir / job.name, recipes[job])) for job in jobs}
 
 
-def result_row(job: Job, out: Path, recipe: dict, state: dict | None) -> dict | None:
+def result_row(job: Job, out: Path, recipe: Recipe, state: dict | None) -> dict | None:
     """What the tables need from a finished run; None while it is not finished."""
     if state is None or finished_run(out, recipe, state) is None:
         return None
@@ -216,13 +216,13 @@ def write_results(args, argv, teacher: Path, fp: dict, jobs: list[Job], workdir:
     markdown, table = summarise(fp["top1"], rows, args.bits, args.seeds)
     recipe = load_recipe(args.recipe)
     when = datetime.date.today().isoformat()
-    epochs = args.epochs or recipe["epochs"]
+    epochs = args.epochs or recipe.epochs
     header = (f"Q-ViT ablation on the probe ({when}, {platform.machine()}, {os.cpu_count()} cores, "
               f"torch {torch.__version__}): teacher {teacher} ({fp['epochs']} epochs, {fp['train_minutes']:.0f} min of "
               f"training, {fp['top1']:.2f}%); each "
-              f"student: recipe {args.recipe}, {epochs} epochs of QAT on all {recipe['train_limit'] or 60000} "
-              f"training images, lr {recipe['lr']:g}, soft logit distillation (weight {recipe['distill_weight']}), "
-              f"DGD weight {recipe['dgd_weight']:g}, IRM fitted with {recipe['irm_steps']} steps ('blend' is not "
+              f"student: recipe {args.recipe}, {epochs} epochs of QAT on all {recipe.train_limit or 60000} "
+              f"training images, lr {recipe.lr:g}, soft logit distillation (weight {recipe.distill_weight}), "
+              f"DGD weight {recipe.dgd_weight:g}, IRM fitted with {recipe.irm_steps} steps ('blend' is not "
               f"fitted: it starts at the teacher). {len(rows)} of {len(jobs)} runs finished; top-1 on the 10,000 "
               "test images after the last epoch.\n\n"
               f"Command: `.venv/bin/python benchmarks/ablation_long.py {' '.join(argv)}`\n\n")
@@ -233,7 +233,7 @@ def write_results(args, argv, teacher: Path, fp: dict, jobs: list[Job], workdir:
     write_text(out.with_suffix(".md"), header + markdown + "\n")
     write_text(out.with_suffix(".json"), json.dumps({"date": when, "teacher": str(teacher), "fp": fp,
                                                      "irm_start_quantizers_off": starts,
-                                                     "recipe": recipe, "args": vars(args), "runs": rows,
+                                                     "recipe": recipe.to_dict(), "args": vars(args), "runs": rows,
                                                      "table": table}, indent=2))
     if rows:
         plot(fp["top1"], rows, args.bits, out.with_suffix(".png"))
@@ -263,10 +263,10 @@ def main(argv=None) -> int:
     if finished_run(teacher.parent, teacher_recipe) is None:
         if args.report:
             raise SystemExit(f"error: the teacher {teacher} is not trained yet: run without --report")
-        print(f"training the teacher ({args.teacher_recipe}, {teacher_recipe['epochs']} epochs) in {teacher.parent}")
+        print(f"training the teacher ({args.teacher_recipe}, {teacher_recipe.epochs} epochs) in {teacher.parent}")
         train_or_reuse(teacher_recipe, teacher.parent, progress=not args.no_progress)
     best = read_checkpoint(teacher)  # its metrics: validation on the same 10,000 test images
-    fp = {"top1": best["metrics"]["top1"], "epochs": teacher_recipe["epochs"], "best_epoch": best["extra"]["epoch"],
+    fp = {"top1": best["metrics"]["top1"], "epochs": teacher_recipe.epochs, "best_epoch": best["extra"]["epoch"],
           "train_minutes": training_seconds(saved_run(teacher.parent, teacher_recipe)) / 60}
 
     if args.teacher_only:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from qvit_export.atomic import write_text  # noqa: E402
 from qvit_export.distill import dgd_loss, logit_distillation, tapped  # noqa: E402
-from qvit_export.recipe import load_recipe, with_defaults  # noqa: E402
+from qvit_export.recipe import Recipe, load_recipe  # noqa: E402
 from qvit_export.trainer import Trainer, read_resume  # noqa: E402
 
 
@@ -39,12 +39,12 @@ def fresh_student(recipe_name: str, teacher: str, bits: int, irm: bool | str) ->
 def trained_student(run: Path) -> Trainer:
     """A student where its QAT run ended (the run's last.pt); the run folder is only read."""
     resume = read_resume(run / "last.pt")
-    return Trainer(with_defaults(resume["extra"]["recipe"]), Path("runs/dgd_balance"), resume=resume, progress=False)
+    return Trainer(Recipe.from_saved(resume["extra"]["recipe"]), Path("runs/dgd_balance"), resume=resume, progress=False)
 
 
 def measure(trainer: Trainer, images: int = 256, form: str = "cosine") -> dict:
     """Task loss, DGD (weight 1, in ``form``) and their gradients on the blocks' weight matrices, for one batch."""
-    bits, irm = trainer.recipe["w_bits"], trainer.recipe["irm"]
+    bits, irm = trainer.recipe.quant.w_bits, trainer.recipe.quant.irm
     x = torch.stack([trainer.train_set[i][0] for i in range(images)])
     y = torch.tensor([trainer.train_set[i][1] for i in range(images)])
     model = trainer.model.train()
@@ -54,7 +54,7 @@ def measure(trainer: Trainer, images: int = 256, form: str = "cosine") -> dict:
         with torch.no_grad():
             teacher_logits = trainer.teacher(x)
         dgd = dgd_loss(student_tap, teacher_tap, form)
-    alpha = trainer.recipe["distill_weight"]
+    alpha = trainer.recipe.distill_weight
     task = (1 - alpha) * F.cross_entropy(logits, y) + alpha * logit_distillation(logits, teacher_logits, "soft")
     g_task = torch.autograd.grad(task, weights, retain_graph=True)
     g_dgd = torch.autograd.grad(dgd, weights, allow_unused=True)
@@ -63,7 +63,7 @@ def measure(trainer: Trainer, images: int = 256, form: str = "cosine") -> dict:
     n_dgd = torch.sqrt(sum((g ** 2).sum() for g in g_dgd)).item()
     cos = (sum((a * b).sum() for a, b in zip(g_task, g_dgd, strict=True)) / (n_task * n_dgd)).item()
     return {"bits": bits, "irm": irm, "form": form, "task_loss": task.item(), "dgd": dgd.item(), "grad_task": n_task,
-            "grad_dgd": n_dgd, "ratio": n_dgd / n_task, "cosine": cos, "dgd_weight": trainer.recipe["dgd_weight"]}
+            "grad_dgd": n_dgd, "ratio": n_dgd / n_task, "cosine": cos, "dgd_weight": trainer.recipe.dgd_weight}
 
 
 def main(argv=None) -> int:

@@ -70,13 +70,13 @@ def measure(name: str, shape, steps: int, warmup: int, workdir: Path) -> dict:
     fp_recipe = load_recipe("probe_fp", {"model_kwargs": kwargs, "val_limit": 100})
     fp = Trainer(fp_recipe, workdir / "fp", progress=False)
     fp_times = timed_steps(fp, steps, warmup)
-    teacher = save_checkpoint(workdir / "teacher.pt", create_model(fp_recipe["model"], **kwargs))
+    teacher = save_checkpoint(workdir / "teacher.pt", create_model(fp_recipe.model, **kwargs))
     qat_recipe = load_recipe("probe_qat", {"teacher": str(teacher), "w_bits": 2, "a_bits": 2, "irm": "head",
                                            "dgd": True, "calibration_images": 256, "irm_steps": 0,
                                            "val_limit": 100})
     qat = Trainer(qat_recipe, workdir / "qat", progress=False)
     qat_times = timed_steps(qat, steps, warmup)
-    batch = fp_recipe["batch_size"]
+    batch = fp_recipe.batch_size
     fp_rate, qat_rate = batch / statistics.median(fp_times), batch / statistics.median(qat_times)
     tokens = (28 // shape[0]) ** 2 + 1
     row = {"name": name, "kwargs": kwargs, "tokens": tokens, "head_dim": shape[1] // shape[3],

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from qvit_export.atomic import write_text  # noqa: E402
 from qvit_export.errors import QvitError  # noqa: E402
-from qvit_export.recipe import load_recipe, with_defaults  # noqa: E402
+from qvit_export.recipe import Recipe, load_recipe  # noqa: E402
 from qvit_export.trainer import finished_run, read_resume, train_or_reuse  # noqa: E402
 
 DIAGNOSTIC_IMAGES = 1000  # test images the attention diagnostics of each final student look at
@@ -54,14 +54,14 @@ class Probe:
 
         recipe = load_recipe(self.teacher_recipe)
         best = read_checkpoint(self.teacher)
-        return {"top1": best["metrics"]["top1"], "epochs": recipe["epochs"], "best_epoch": best["extra"]["epoch"],
+        return {"top1": best["metrics"]["top1"], "epochs": recipe.epochs, "best_epoch": best["extra"]["epoch"],
                 "train_minutes": training_seconds(saved_run(self.teacher_dir, recipe)) / 60}
 
 
 _STATES: dict[tuple, dict | None] = {}
 
 
-def saved_run(out: Path, recipe: dict) -> dict | None:
+def saved_run(out: Path, recipe: Recipe) -> dict | None:
     """trainer.saved_run, with what the queue needs of each last.pt (recipe, epoch, history) kept in memory until
     the file changes: workers look at every run each time they choose a job, and a last.pt also holds the
     optimizer state."""
@@ -79,7 +79,7 @@ def saved_run(out: Path, recipe: dict) -> dict | None:
         except QvitError:  # being written, or damaged: the trainer replaces it
             return None
     state = _STATES[key]
-    return state if state is not None and with_defaults(state["extra"]["recipe"]) == recipe else None
+    return state if state is not None and recipe.trains_as(state["extra"]["recipe"]) else None
 
 
 def training_seconds(state: dict | None) -> float:
@@ -103,11 +103,11 @@ class Job:
     seconds: Callable[[], float] = field(default=lambda: 0.0)
 
 
-def student_recipe(probe: Probe, name: str, overrides: dict) -> dict:
+def student_recipe(probe: Probe, name: str, overrides: dict) -> Recipe:
     return load_recipe(probe.student_recipe, {"name": name, "teacher": str(probe.teacher)} | overrides)
 
 
-def student_state(probe: Probe, name: str, overrides: dict) -> tuple[dict, dict | None]:
+def student_state(probe: Probe, name: str, overrides: dict) -> tuple[Recipe, dict | None]:
     recipe = student_recipe(probe, name, overrides)
     return recipe, saved_run(probe.workdir / name, recipe)
 
@@ -123,7 +123,7 @@ def run_row(probe: Probe, name: str, overrides: dict) -> dict | None:
     history = state["extra"]["train_state"]["history"]
     row = {"name": name, "start": history[0]["val_top1"] if history[0]["epoch"] == 0 else None,
            "final": history[-1]["val_top1"], "curve": [[r["epoch"], r["val_top1"]] for r in history],
-           "train_seconds": training_seconds(state), "dgd_weight": recipe["dgd_weight"] if recipe["dgd"] else None}
+           "train_seconds": training_seconds(state), "dgd_weight": recipe.dgd_weight if recipe.dgd else None}
     diag = read_diagnostics(out)
     if diag is not None:
         row["attention"] = diag["attention"]

@@ -17,7 +17,8 @@ _EXPORTS = {
     "quantize": "quantize", "quantizers": "quantize", "quantizers_disabled": "quantize",
     "set_quantizers_enabled": "quantize", "CalibrationSet": "calibration_set", "read_manifest": "calibration_set",
     "post_training_quantize": "ptq", "deploy": "deploy", "DeployOptions": "deploy", "DeployOutputs": "deploy",
-    "ParityOptions": "deploy", "EngineOptions": "engine", "ExportOptions": "onnx_export",
+    "ParityOptions": "deploy", "EngineOptions": "engine", "ExportOptions": "onnx_export", "Recipe": "recipe",
+    "load_recipe": "recipe",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

@@ -520,7 +520,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 def train_main(argv=None) -> int:
     args = train_parser().parse_args(argv)
-    from .recipe import hub_download, load_recipe, parse_override, validate, with_defaults
+    from .recipe import Recipe, load_recipe, parse_override
 
     overrides = dict(parse_override(text) for text in args.set)
     overrides |= {key: getattr(args, key) for key, _ in _SHORTCUTS if getattr(args, key) is not None}
@@ -531,23 +531,21 @@ def train_main(argv=None) -> int:
         from .trainer import read_resume
 
         resume = read_resume(args.resume)
-        recipe = validate(with_defaults(resume["extra"]["recipe"]))
+        recipe = Recipe.from_saved(resume["extra"]["recipe"])
         out = Path(args.out) if args.out else Path(args.resume).parent
     else:
         if not args.recipe:
             raise QvitError("give --recipe (a name in models/ or a YAML file), or --resume RUN/last.pt")
         recipe = load_recipe(args.recipe, overrides)
-        out = Path(args.out or Path("runs") / recipe["name"])
+        out = Path(args.out or Path("runs") / recipe.name)
         if (out / "last.pt").exists() and not args.print_recipe:
             raise QvitError(f"{out} already holds a run: continue it with --resume {out / 'last.pt'}, or choose "
                             "another --out")
-    if hub_download(recipe) and not args.pretrained and not args.print_recipe:
-        raise QvitError(f"the recipe asks for timm's pretrained download ({hub_download(recipe)}), a network "
+    if recipe.hub_download() and not args.pretrained and not args.print_recipe:
+        raise QvitError(f"the recipe asks for timm's pretrained download ({recipe.hub_download()}), a network "
                         "connection: add --pretrained to allow it, or give a local weights file instead")
     if args.print_recipe:
-        from .recipe import to_yaml
-
-        print(to_yaml(recipe), end="")
+        print(recipe.to_yaml(), end="")
         return 0
     from .trainer import train
 

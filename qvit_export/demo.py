@@ -30,7 +30,7 @@ from .evaluation import evaluate
 from .trainer import train_or_reuse
 
 _FP = load_recipe("demo_fp")
-DEMO_MODEL, DEMO_KWARGS = _FP["model"], dict(_FP["model_kwargs"])
+DEMO_MODEL, DEMO_KWARGS = _FP.model, dict(_FP.model_kwargs)
 CALIBRATION_SET = "fashion-mnist"  # calib/fashion-mnist.json: 1,024 training images, 102-103 per class
 
 

@@ -1,17 +1,22 @@
-"""Training recipes: YAML files in models/ (one may ``extends:`` another), command-line overrides, validation.
+"""Training recipes: YAML files in models/ (one may ``extends:`` another), command-line overrides, validation, and
+the typed ``Recipe`` the library trains from.
 
-A recipe is a flat mapping; ``augment`` is the one nested key. Every key has a default below, so a recipe
-states only what differs, and an unknown key is an error rather than a silent no-op.
+On disk a recipe is a flat mapping (``augment`` is the one nested key): every key has a default in DEFAULTS, so a
+file states only what differs, and an unknown key is an error rather than a silent no-op. In memory it is a frozen
+``Recipe`` whose quantization keys form a ``QuantConfig`` (``recipe.quant``) and whose augmentation is an
+``Augment``; ``Recipe.to_dict`` gives back the flat mapping a run saves (recipe.yaml, the checkpoint's
+extra.recipe), key for key what runs saved before the dataclass, so their runs are still reused and resumed.
 """
 from __future__ import annotations
 
 import copy
 import math
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .config import (CALIBRATION_METHODS, DEFAULT_IRM, DGD_FORMS, IRM_VARIANTS, QUANT_GROUPS, SAVED_DGD_FORM,
-                     SAVED_TRUE_IRM, check_bits)
+                     SAVED_TRUE_IRM, QuantConfig, check_bits)
 from .errors import QvitError
 from .untrusted import shown
 
@@ -163,8 +168,8 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
     return out
 
 
-def load_recipe(spec: str | None, overrides: dict | None = None) -> dict:
-    """The resolved recipe: defaults, then the file chain, then overrides; validated."""
+def load_recipe(spec: str | None, overrides: dict | None = None) -> "Recipe":
+    """The resolved recipe: defaults, then the file chain, then overrides (flat keys, as in a file); validated."""
     raw = {}
     name = None
     if spec is not None:
@@ -172,19 +177,20 @@ def load_recipe(spec: str | None, overrides: dict | None = None) -> dict:
         raw, name = _read_yaml(path), path.stem
     recipe = apply_overrides(copy.deepcopy(DEFAULTS) | raw, overrides or {})
     recipe["name"] = recipe["name"] or name or "run"
-    return validate(recipe)
+    return Recipe.from_mapping(recipe)
 
 
 def with_defaults(saved: dict) -> dict:
-    """A recipe as a run saved it, with the keys added since at their defaults: the same training, so a run
-    saved before a key existed is still the run of today's recipe. A QAT run saved with ``irm: true`` (before runs
-    named their variant) trained SAVED_TRUE_IRM, whatever DEFAULT_IRM is now; one saved before ``dgd_form``
-    existed trained SAVED_DGD_FORM, whatever the default form is now."""
+    """A recipe as a run saved it (the flat mapping), with the keys added since at their defaults: the same
+    training, so a run saved before a key existed is still the run of today's recipe. A QAT run saved with
+    ``irm: true`` (before runs named their variant) trained SAVED_TRUE_IRM, whatever DEFAULT_IRM is now; an FP run
+    has no IRM, and its ``irm: true`` reads as ``Recipe`` writes it today (DEFAULT_IRM); one saved before
+    ``dgd_form`` existed trained SAVED_DGD_FORM, whatever the default form is now."""
     if not isinstance(saved, dict):
         raise QvitError("the saved recipe is not a mapping of keys to values: the checkpoint is damaged")
     recipe = copy.deepcopy(DEFAULTS) | copy.deepcopy(saved)
-    if recipe["mode"] == "qat" and recipe["irm"] is True:
-        recipe["irm"] = SAVED_TRUE_IRM
+    if recipe["irm"] is True:
+        recipe["irm"] = SAVED_TRUE_IRM if recipe["mode"] == "qat" else DEFAULT_IRM
     if "dgd_form" not in saved:
         recipe["dgd_form"] = SAVED_DGD_FORM
     return recipe
@@ -202,8 +208,8 @@ def _number(value, lo: float, hi: float = math.inf, whole: bool = False) -> bool
 
 
 def validate(recipe: dict) -> dict:
-    """Check every key's type and range before any value is used or formatted (values in messages are cut short:
-    untrusted.shown)."""
+    """The flat mapping with every key's type and range checked before any value is used or formatted (values in
+    messages are cut short: untrusted.shown), normalised as a run saves it: ``Recipe.from_mapping`` builds on it."""
     unknown = [k for k in recipe if k not in DEFAULTS]
     if unknown:
         raise QvitError(f"unknown recipe key {shown(unknown[0])}: known keys are {', '.join(sorted(DEFAULTS))}")
@@ -246,7 +252,7 @@ def validate(recipe: dict) -> dict:
                             f"of {', '.join(QUANT_GROUPS)}")
         # one order, and null for all of them: the same training is written the same way
         recipe["quant_groups"] = None if set(groups) == set(QUANT_GROUPS) else [g for g in QUANT_GROUPS if g in groups]
-    if recipe["mode"] == "qat" and recipe["irm"] is True:
+    if recipe["irm"] is True:
         recipe["irm"] = DEFAULT_IRM  # the run records the variant it trains: a later default cannot make it stale
     clip = recipe["clip_grad"]
     if clip is not None and not (_number(clip, 0) and clip > 0):
@@ -285,25 +291,121 @@ def _check_augment(aug: dict) -> None:
                         "or null")
 
 
-def hub_download(recipe: dict) -> str | None:
-    """The recipe key that asks for timm's pretrained download (a network connection), if any."""
-    if recipe["teacher"] == "pretrained" and recipe["mode"] == "qat":
-        return "teacher: pretrained"
-    if recipe["pretrained"] and recipe["mode"] == "fp" and not recipe["weights"]:
-        return "pretrained: true"
-    return None
+# The flat keys that make up Recipe.quant, by their QuantConfig field.
+QUANT_KEYS = {"w_bits": "w_bits", "a_bits": "a_bits", "edge_bits": "edge_bits", "irm": "irm",
+              "calibration": "calibration", "quant_groups": "groups"}
 
 
-def quant_config(recipe: dict):
-    from .config import QuantConfig
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation (AUGMENT_DEFAULTS). Image folders go through timm's create_transform with all of it;
+    Fashion-MNIST uses ``crop_padding`` and ``hflip``."""
+    hflip: float
+    crop_padding: int
+    scale: tuple[float, float]
+    color_jitter: float | None
+    auto_augment: str | None
+    re_prob: float
 
-    groups = recipe.get("quant_groups")
-    return QuantConfig(w_bits=recipe["w_bits"], a_bits=recipe["a_bits"], irm=recipe["irm"],
-                       edge_bits=recipe["edge_bits"], calibration=recipe["calibration"],
-                       **({"groups": tuple(groups)} if groups else {}))
+    def to_dict(self) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
 
-def to_yaml(recipe: dict) -> str:
-    import yaml
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """One training run's settings, validated and typed. Built by ``load_recipe`` (a file and overrides) or
+    ``Recipe.from_mapping`` (a flat mapping, e.g. a saved run's); the defaults and what each key means are in
+    DEFAULTS, the file format. ``quant`` holds w_bits, a_bits, edge_bits, irm, calibration and quant_groups."""
+    name: str
+    mode: str
+    model: str | None
+    model_kwargs: dict
+    pretrained: bool
+    weights: str | None
+    teacher: str | None
+    data: str
+    train_limit: int | None
+    val_limit: int | None
+    quant: QuantConfig
+    calibration_set: str | None
+    calibration_images: int
+    irm_steps: int
+    label_smoothing: float
+    distill: str
+    distill_weight: float
+    distill_tau: float
+    dgd: bool
+    dgd_weight: float
+    dgd_form: str
+    optimizer: str
+    lr: float
+    min_lr: float
+    weight_decay: float
+    warmup_epochs: float
+    step_lr_scale: float
+    irm_lr_scale: float
+    epochs: int
+    batch_size: int
+    clip_grad: float | None
+    drop_path: float
+    amp: bool
+    amp_dtype: str
+    seed: int
+    workers: int
+    eval_batch_size: int
+    augment: Augment
 
-    return yaml.safe_dump(recipe, sort_keys=False)
+    @classmethod
+    def from_mapping(cls, flat: dict) -> "Recipe":
+        """A recipe from its flat mapping (every key of DEFAULTS; ``validate`` checks and normalises it)."""
+        d = validate(copy.deepcopy(flat))
+        groups = d["quant_groups"]
+        quant = QuantConfig(**{field: d[key] for key, field in QUANT_KEYS.items() if key != "quant_groups"},
+                            **({"groups": tuple(groups)} if groups else {}))
+        aug = d["augment"] | {"scale": tuple(d["augment"]["scale"])}
+        rest = {k: v for k, v in d.items() if k not in QUANT_KEYS and k != "augment"}
+        return cls(quant=quant, augment=Augment(**aug), **rest)
+
+    def to_dict(self) -> dict:
+        """The flat mapping, in DEFAULTS' order, as a run saves it and a file writes it."""
+        quant = {key: getattr(self.quant, field) for key, field in QUANT_KEYS.items()}
+        quant["quant_groups"] = None if self.quant.all_groups else list(self.quant.groups)
+        out = {}
+        for key in DEFAULTS:
+            if key in QUANT_KEYS:
+                out[key] = quant[key]
+            elif key == "augment":
+                out[key] = self.augment.to_dict()
+            else:
+                out[key] = copy.deepcopy(getattr(self, key))
+        return out
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "Recipe":
+        """The recipe a run saved (its recipe.yaml, its checkpoint's extra.recipe), read as today's."""
+        return cls.from_mapping(with_defaults(saved))
+
+    def trains_as(self, saved: dict) -> bool:
+        """Whether a run saved with ``saved`` trained this very recipe (keys added since at their defaults)."""
+        return with_defaults(saved) == self.to_dict()
+
+    def overridden(self, overrides: dict) -> "Recipe":
+        """This recipe with flat overrides (``key`` or ``augment.key``, as ``--set`` gives them), validated."""
+        return Recipe.from_mapping(apply_overrides(self.to_dict(), overrides))
+
+    @property
+    def qat(self) -> bool:
+        return self.mode == "qat"
+
+    def hub_download(self) -> str | None:
+        """The recipe key that asks for timm's pretrained download (a network connection), if any."""
+        if self.teacher == "pretrained" and self.qat:
+            return "teacher: pretrained"
+        if self.pretrained and self.mode == "fp" and not self.weights:
+            return "pretrained: true"
+        return None
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)

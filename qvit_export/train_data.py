@@ -8,6 +8,7 @@ draw exactly the augmentations the interrupted one would have.
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import torch
@@ -18,6 +19,9 @@ from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist, folder_d
 from .errors import QvitError
 from .timm_models import input_shape
 from .untrusted import shown
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 _BACKGROUND = (0.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD  # a black pixel after normalisation
 
@@ -77,15 +81,15 @@ def _limit(dataset: Dataset, n: int | None) -> Dataset:
     return dataset if n is None or n >= len(dataset) else Subset(dataset, range(n))
 
 
-def _fashion(recipe: dict, model) -> tuple[Dataset, Dataset]:
+def _fashion(recipe: Recipe, model) -> tuple[Dataset, Dataset]:
     if input_shape(model)[0] != 1:
         raise QvitError("Fashion-MNIST images are grey (1 channel) but this model takes RGB: set model_kwargs "
                         "in_chans: 1 (and img_size: 28), or pass an image folder as data")
-    aug = recipe["augment"]
-    train = _limit(fashion_mnist("train"), recipe["train_limit"])
-    if aug["crop_padding"] or aug["hflip"]:
-        train = SeededAugment(train, FashionAugment(aug["crop_padding"], aug["hflip"]), recipe["seed"])
-    return train, _limit(fashion_mnist("test"), recipe["val_limit"])
+    aug = recipe.augment
+    train = _limit(fashion_mnist("train"), recipe.train_limit)
+    if aug.crop_padding or aug.hflip:
+        train = SeededAugment(train, FashionAugment(aug.crop_padding, aug.hflip), recipe.seed)
+    return train, _limit(fashion_mnist("test"), recipe.val_limit)
 
 
 def _folder_split(root: Path, names: tuple[str, ...]) -> Path:
@@ -96,38 +100,38 @@ def _folder_split(root: Path, names: tuple[str, ...]) -> Path:
                     "<root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg")
 
 
-def _image_folder(recipe: dict, model) -> tuple[Dataset, Dataset]:
+def _image_folder(recipe: Recipe, model) -> tuple[Dataset, Dataset]:
     from timm.data import create_transform
 
     from .data import data_config
 
-    root = Path(recipe["data"])
+    root = Path(recipe.data)
     if not root.is_dir():
         raise QvitError(f"data folder not found: {root} (use 'fashion-mnist', or an ImageNet-layout folder with "
                         "train/ and val/)")
     config = data_config(model, f"the images of {root}")
-    aug = recipe["augment"]
+    aug = recipe.augment
     plain = create_transform(**config, is_training=False)
     try:
-        augmented = create_transform(**config, is_training=True, hflip=aug["hflip"], scale=tuple(aug["scale"]),
-                                     color_jitter=aug["color_jitter"], auto_augment=aug["auto_augment"] or None,
-                                     re_prob=aug["re_prob"])
+        augmented = create_transform(**config, is_training=True, hflip=aug.hflip, scale=tuple(aug.scale),
+                                     color_jitter=aug.color_jitter, auto_augment=aug.auto_augment or None,
+                                     re_prob=aug.re_prob)
     except (AssertionError, ValueError, KeyError, TypeError, IndexError) as e:  # timm parses the policy string
-        raise QvitError(f"augment.auto_augment={shown(aug['auto_augment'])} is not a policy timm knows "
+        raise QvitError(f"augment.auto_augment={shown(aug.auto_augment)} is not a policy timm knows "
                         f"({type(e).__name__}): use one such as rand-m9-mstd0.5-inc1") from None
     # The training images come untransformed: SeededAugment applies timm's transform, seeded per sample.
     mode = image_mode(model)
     train = folder_dataset(_folder_split(root, ("train",)), None, mode)
     val = folder_dataset(_folder_split(root, ("val", "validation")), plain, mode)
-    return (SeededAugment(_limit(train, recipe["train_limit"]), augmented, recipe["seed"], plain=plain),
-            _limit(val, recipe["val_limit"]))
+    return (SeededAugment(_limit(train, recipe.train_limit), augmented, recipe.seed, plain=plain),
+            _limit(val, recipe.val_limit))
 
 
-def training_data(recipe: dict, model) -> tuple[Dataset, Dataset]:
+def training_data(recipe: Recipe, model) -> tuple[Dataset, Dataset]:
     """(train, val) datasets for the recipe's data and the model's input."""
-    train, val = (_fashion if recipe["data"] == "fashion-mnist" else _image_folder)(recipe, model)
+    train, val = (_fashion if recipe.data == "fashion-mnist" else _image_folder)(recipe, model)
     if len(train) == 0 or len(val) == 0:
-        raise QvitError(f"{recipe['data']}: the training or validation split is empty (check train_limit/val_limit)")
+        raise QvitError(f"{recipe.data}: the training or validation split is empty (check train_limit/val_limit)")
     return train, val
 
 

@@ -35,7 +35,7 @@ from .config import QuantConfig
 from .distill import dgd_loss, logit_distillation, tapped
 from .errors import QvitError
 from .quantize import clamp_steps, quantize, set_quantizers_enabled
-from .recipe import quant_config, to_yaml, with_defaults
+from .recipe import Recipe
 from .evaluation import evaluation_sums, metrics_from_sums
 from .train_data import set_epoch, training_data
 from .untrusted import check_finite
@@ -88,27 +88,27 @@ def seed_everything(seed: int, rank: int = 0, epoch: int = 0) -> None:
 
 # ---- models ----------------------------------------------------------------------------------------
 
-def load_teacher(recipe: dict) -> nn.Module:
+def load_teacher(recipe: Recipe) -> nn.Module:
     """The FP teacher: our FP checkpoint, a timm weights file (with the recipe's model), or timm's pretrained."""
     from .fp_models import Names, load_fp_model
 
-    spec, pretrained = recipe["teacher"], recipe["teacher"] == "pretrained"
+    spec, pretrained = recipe.teacher, recipe.teacher == "pretrained"
     if not spec:
         raise QvitError("a QAT recipe needs teacher: our FP checkpoint, a timm weights file, or pretrained")
-    return load_fp_model(recipe["model"], recipe["model_kwargs"], None if pretrained else spec, pretrained,
+    return load_fp_model(recipe.model, recipe.model_kwargs, None if pretrained else spec, pretrained,
                          names=Names("teacher", "model", "recipe model_kwargs"))
 
 
-def calibration_set(recipe: dict, progress: bool = True):
+def calibration_set(recipe: Recipe, progress: bool = True):
     """The recipe's calibration set: its manifest, or a class-balanced draw of ``calibration_images`` training
     images with the recipe's seed."""
     from .calibration_set import FashionMnistSource, FolderSource, draw, read_manifest
 
-    if recipe["calibration_set"]:
-        return read_manifest(recipe["calibration_set"])
-    source = FashionMnistSource("train") if recipe["data"] == "fashion-mnist" else FolderSource(recipe["data"])
-    return draw(source, recipe["calibration_images"], recipe["seed"], balanced=True,
-                name=f"{recipe['name']}-calibration", progress=progress)
+    if recipe.calibration_set:
+        return read_manifest(recipe.calibration_set)
+    source = FashionMnistSource("train") if recipe.data == "fashion-mnist" else FolderSource(recipe.data)
+    return draw(source, recipe.calibration_images, recipe.seed, balanced=True,
+                name=f"{recipe.name}-calibration", progress=progress)
 
 
 def read_resume(path) -> dict:
@@ -119,13 +119,13 @@ def read_resume(path) -> dict:
     return saved
 
 
-def fp_model(recipe: dict) -> nn.Module:
+def fp_model(recipe: Recipe) -> nn.Module:
     """The model an FP run trains: random, from a local weights file, or timm's pretrained weights
     (fp_models.load_fp_model), with the recipe's drop-path rate."""
     from .fp_models import Names, load_fp_model
 
-    kwargs = dict(recipe["model_kwargs"]) | ({"drop_path_rate": recipe["drop_path"]} if recipe["drop_path"] else {})
-    return load_fp_model(recipe["model"], kwargs, recipe["weights"], recipe["pretrained"],
+    kwargs = dict(recipe.model_kwargs) | ({"drop_path_rate": recipe.drop_path} if recipe.drop_path else {})
+    return load_fp_model(recipe.model, kwargs, recipe.weights, recipe.pretrained,
                          names=Names("weights", "model", "recipe model_kwargs"))
 
 
@@ -168,21 +168,21 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, step_lr_scale
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(recipe: dict, model: nn.Module) -> torch.optim.Optimizer:
-    groups = param_groups(model, recipe["weight_decay"], recipe["lr"], recipe["step_lr_scale"],
-                          recipe["irm_lr_scale"])
-    if recipe["optimizer"] == "lamb":
+def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, recipe.weight_decay, recipe.lr, recipe.step_lr_scale,
+                          recipe.irm_lr_scale)
+    if recipe.optimizer == "lamb":
         from timm.optim import Lamb
 
-        return Lamb(groups, lr=recipe["lr"])
-    return torch.optim.AdamW(groups, lr=recipe["lr"])
+        return Lamb(groups, lr=recipe.lr)
+    return torch.optim.AdamW(groups, lr=recipe.lr)
 
 
-def make_schedule(recipe: dict, optimizer, steps_per_epoch: int):
+def make_schedule(recipe: Recipe, optimizer, steps_per_epoch: int):
     """Per-step linear warm-up, then cosine from lr down to min_lr."""
-    total = recipe["epochs"] * steps_per_epoch
-    warmup = round(recipe["warmup_epochs"] * steps_per_epoch)
-    floor = recipe["min_lr"] / recipe["lr"] if recipe["lr"] else 0.0
+    total = recipe.epochs * steps_per_epoch
+    warmup = round(recipe.warmup_epochs * steps_per_epoch)
+    floor = recipe.min_lr / recipe.lr if recipe.lr else 0.0
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -211,21 +211,21 @@ def _resumed(load, what: str) -> None:
 class Trainer:
     """One run. ``resume``: a run's last.pt as ``read_resume`` returns it."""
 
-    def __init__(self, recipe: dict, out: Path, resume: dict | None = None, progress: bool = True):
+    def __init__(self, recipe: Recipe, out: Path, resume: dict | None = None, progress: bool = True):
         self.recipe, self.out, self.progress = recipe, Path(out), progress
         self.procs = Processes()
         r = recipe
         state = resume["extra"]["train_state"] if resume else None
-        seed_everything(r["seed"])
-        qat = r["mode"] == "qat"
-        self.use_kd = qat and r["distill"] != "none"
-        self.use_dgd = qat and r["dgd"] and r["dgd_weight"] > 0
+        seed_everything(r.seed)
+        qat = r.mode == "qat"
+        self.use_kd = qat and r.distill != "none"
+        self.use_dgd = qat and r.dgd and r.dgd_weight > 0
 
         # Models: the student starts from the teacher's weights, then is calibrated (unless resuming).
         self.teacher = None
         if qat:
             fp = load_teacher(r)
-            self.model = quantize(fp, quant_config(r))
+            self.model = quantize(fp, r.quant)
             if self.use_kd or self.use_dgd:
                 self.teacher = frozen_fp_teacher(fp).to(self.procs.device)
         else:
@@ -235,7 +235,7 @@ class Trainer:
             calib_set = calibration_set(r, progress)
             if self.procs.main:  # the run says which images calibrated it
                 write_text(self.out / "calibration.json", calib_set.to_json())
-            calibrate(self.model, calib_set, irm_steps=r["irm_steps"], seed=r["seed"], progress=progress)
+            calibrate(self.model, calib_set, irm_steps=r.irm_steps, seed=r.seed, progress=progress)
         if state is not None:
             _resumed(lambda: self.model.load_state_dict(resume["state_dict"]), "model")
             check_finite(self.model, "--resume")
@@ -244,25 +244,25 @@ class Trainer:
             self.model.set_distilled_training(self.use_kd)
 
         # Data loading: one global batch split evenly, the same samples per step whatever the process count.
-        if r["batch_size"] % self.procs.world:
-            raise QvitError(f"batch_size {r['batch_size']} does not split over {self.procs.world} processes: "
+        if r.batch_size % self.procs.world:
+            raise QvitError(f"batch_size {r.batch_size} does not split over {self.procs.world} processes: "
                             "make it a multiple of --nproc_per_node")
         self.sampler = DistributedSampler(self.train_set, num_replicas=self.procs.world, rank=self.procs.rank,
-                                          shuffle=True, seed=r["seed"], drop_last=True)
-        workers = 0 if r["data"] == "fashion-mnist" else r["workers"]
-        self.loader = DataLoader(self.train_set, batch_size=r["batch_size"] // self.procs.world, sampler=self.sampler,
+                                          shuffle=True, seed=r.seed, drop_last=True)
+        workers = 0 if r.data == "fashion-mnist" else r.workers
+        self.loader = DataLoader(self.train_set, batch_size=r.batch_size // self.procs.world, sampler=self.sampler,
                                  drop_last=True, num_workers=workers, pin_memory=self.procs.device.type == "cuda",
                                  persistent_workers=False)
         if len(self.loader) == 0:
-            raise QvitError(f"batch_size {r['batch_size']} is larger than the {len(self.train_set)} training images: "
+            raise QvitError(f"batch_size {r.batch_size} is larger than the {len(self.train_set)} training images: "
                             "lower batch_size or raise train_limit")
         self.val_loader = DataLoader(Subset(self.val_set, range(self.procs.rank, len(self.val_set), self.procs.world)),
-                                     batch_size=r["eval_batch_size"], num_workers=workers)
+                                     batch_size=r.eval_batch_size, num_workers=workers)
 
         self.optimizer = make_optimizer(r, self.model)
         self.schedule = make_schedule(r, self.optimizer, len(self.loader))
         cuda = self.procs.device.type == "cuda"
-        self.amp_dtype = getattr(torch, r["amp_dtype"]) if cuda and r["amp"] else None
+        self.amp_dtype = getattr(torch, r.amp_dtype) if cuda and r.amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.start_epoch, self.best, self.history, self.step_losses = 0, None, [], []
         if state is not None:
@@ -284,19 +284,19 @@ class Trainer:
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(x)
-            dgd = dgd_loss(student_tap, teacher_tap, r["dgd_form"]) if self.use_dgd else None
+            dgd = dgd_loss(student_tap, teacher_tap, r.dgd_form) if self.use_dgd else None
         logits, dist_logits = out if isinstance(out, tuple) else (out, None)
-        ce = F.cross_entropy(logits.float(), y, label_smoothing=r["label_smoothing"])
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=r.label_smoothing)
         parts = {"ce": ce.detach()}
         loss = ce
         if self.use_kd:
-            kd = logit_distillation(dist_logits if dist_logits is not None else logits, teacher_logits, r["distill"],
-                                    r["distill_tau"])
-            alpha = 0.5 if dist_logits is not None else r["distill_weight"]
+            kd = logit_distillation(dist_logits if dist_logits is not None else logits, teacher_logits, r.distill,
+                                    r.distill_tau)
+            alpha = 0.5 if dist_logits is not None else r.distill_weight
             loss = (1 - alpha) * ce + alpha * kd
             parts["kd"] = kd.detach()
         if dgd is not None:
-            loss = loss + r["dgd_weight"] * dgd
+            loss = loss + r.dgd_weight * dgd
             parts["dgd"] = dgd.detach()
         return loss, parts
 
@@ -307,11 +307,11 @@ class Trainer:
             loss, parts = self._loss(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.recipe["clip_grad"]:
+        if self.recipe.clip_grad:
             self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe["clip_grad"])
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.clip_grad)
         self.scaler.step(self.optimizer)
-        if self.recipe["mode"] == "qat":
+        if self.recipe.mode == "qat":
             clamp_steps(self.model)  # a step pushed through zero would die (quantize.MIN_STEP)
         self.scaler.update()
         self.schedule.step()
@@ -321,11 +321,11 @@ class Trainer:
     def run(self) -> dict:
         r, procs = self.recipe, self.procs
         if procs.main:
-            write_text(self.out / "recipe.yaml", to_yaml(r))
-        if r["mode"] == "qat" and not self.history:
+            write_text(self.out / "recipe.yaml", r.to_yaml())
+        if r.mode == "qat" and not self.history:
             self._validate_start()
-        for epoch in range(self.start_epoch, r["epochs"]):
-            seed_everything(r["seed"], procs.rank, epoch)
+        for epoch in range(self.start_epoch, r.epochs):
+            seed_everything(r.seed, procs.rank, epoch)
             self.sampler.set_epoch(epoch)
             set_epoch(self.train_set, epoch)
             self.net.train()
@@ -334,7 +334,7 @@ class Trainer:
             sums = torch.zeros(5, dtype=torch.float64, device=self.procs.device)
             zero = torch.zeros((), device=self.procs.device)
             start = time.perf_counter()
-            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{r['epochs']}", unit="batch", leave=False,
+            bar = tqdm(self.loader, desc=f"epoch {epoch + 1}/{r.epochs}", unit="batch", leave=False,
                        disable=not (self.progress and procs.main))
             log_every = max(1, len(self.loader) // 50)
             for i, (x, y) in enumerate(bar):
@@ -353,20 +353,20 @@ class Trainer:
                    "train_loss": sums[0].item() / steps, "train_ce": sums[1].item() / steps,
                    "train_kd": sums[2].item() / steps, "train_dgd": sums[3].item() / steps,
                    "val_top1": val["top1"], "val_top5": val["top5"], "val_loss": val["loss"],
-                   "images_per_s": len(self.loader) * r["batch_size"] / seconds, "seconds": seconds}
+                   "images_per_s": len(self.loader) * r.batch_size / seconds, "seconds": seconds}
             self.history.append(row)
             improved = self.best is None or val["top1"] > self.best["val_top1"]
             if improved:
                 self.best = dict(row)
             if procs.main:
                 self._save(epoch + 1, val, improved)
-                print(f"epoch {epoch + 1}/{r['epochs']}: loss {row['train_loss']:.4f}  val top-1 {val['top1']:.2f}%  "
+                print(f"epoch {epoch + 1}/{r.epochs}: loss {row['train_loss']:.4f}  val top-1 {val['top1']:.2f}%  "
                       f"top-5 {val['top5']:.2f}%  {row['images_per_s']:.0f} img/s", flush=True)
             procs.barrier()
         if procs.main:
             from .plots import plot_training
 
-            plot_training(self.history, self.step_losses, len(self.loader), self.out / "curves.png", title=r["name"])
+            plot_training(self.history, self.step_losses, len(self.loader), self.out / "curves.png", title=r.name)
         return {"best": self.best, "history": self.history, "out": str(self.out)}
 
     def _validate(self) -> dict:
@@ -384,13 +384,13 @@ class Trainer:
         self.best = dict(row)
         if self.procs.main:
             self._save(0, val, improved=True)
-            print(f"epoch 0/{self.recipe['epochs']} (calibrated start): val top-1 {val['top1']:.2f}%  "
+            print(f"epoch 0/{self.recipe.epochs} (calibrated start): val top-1 {val['top1']:.2f}%  "
                   f"top-5 {val['top5']:.2f}%", flush=True)
         self.procs.barrier()
 
     def _save(self, epoch: int, val: dict, improved: bool) -> None:
         r = self.recipe
-        extra = {"recipe": r, "dataset": r["data"], "epoch": epoch}
+        extra = {"recipe": r.to_dict(), "dataset": r.data, "epoch": epoch}
         if improved:
             save_checkpoint(self.out / "best.pt", self.model, metrics=val, extra=extra)
         state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
@@ -407,7 +407,7 @@ class Trainer:
 RUN_FILES = ("recipe.yaml", "calibration.json", "last.pt", "best.pt", "metrics.csv", "curves.png")  # what a run writes in its folder
 
 
-def train(recipe: dict, out, resume: dict | None = None, progress: bool = True) -> dict:
+def train(recipe: Recipe, out, resume: dict | None = None, progress: bool = True) -> dict:
     """Run (or resume, from ``read_resume(last.pt)``) one training run; returns the best epoch's row and the
     history."""
     from .transaction import locked_outputs
@@ -423,28 +423,28 @@ def train(recipe: dict, out, resume: dict | None = None, progress: bool = True) 
             trainer.procs.close()
 
 
-def saved_run(out: Path, recipe: dict) -> dict | None:
+def saved_run(out: Path, recipe: Recipe) -> dict | None:
     """The training state (``read_resume`` of last.pt) of a run of this very recipe in ``out``, else None. A run
     saved before a recipe key existed counts as today's recipe with that key at its default."""
     try:
         state = read_resume(out / "last.pt")
     except QvitError:
         return None
-    return state if with_defaults(state["extra"].get("recipe", {})) == recipe else None
+    return state if recipe.trains_as(state["extra"].get("recipe", {})) else None
 
 
 _UNREAD = object()
 
 
-def finished_run(out: Path, recipe: dict, state=_UNREAD) -> Path | None:
+def finished_run(out: Path, recipe: Recipe, state=_UNREAD) -> Path | None:
     """best.pt of a run in ``out`` that finished this very recipe, else None (``state``: its ``saved_run``, when
     already read, None included: a run found missing is not read again)."""
     state = saved_run(out, recipe) if state is _UNREAD else state
-    done = state is not None and state["extra"]["epoch"] == recipe["epochs"]
+    done = state is not None and state["extra"]["epoch"] == recipe.epochs
     return out / "best.pt" if done and (out / "best.pt").is_file() else None
 
 
-def train_or_reuse(recipe: dict, out, progress: bool = True) -> Path:
+def train_or_reuse(recipe: Recipe, out, progress: bool = True) -> Path:
     """best.pt of ``recipe`` in ``out``: reused when a finished run of it is there, continued exactly where it
     stopped when an unfinished one is (long benchmarks carry over from one session to the next), else trained
     (a run of another recipe in ``out`` is replaced)."""
@@ -452,11 +452,11 @@ def train_or_reuse(recipe: dict, out, progress: bool = True) -> Path:
     state = saved_run(out, recipe)
     best = finished_run(out, recipe, state)
     if best is not None:
-        print(f"reusing {best} ({recipe['name']})")
+        print(f"reusing {best} ({recipe.name})")
         return best
-    resume = state if state is not None and state["extra"]["epoch"] < recipe["epochs"] else None
+    resume = state if state is not None and state["extra"]["epoch"] < recipe.epochs else None
     if resume is not None:
-        print(f"resuming {out} ({recipe['name']}) after epoch {resume['extra']['epoch']} of {recipe['epochs']}",
+        print(f"resuming {out} ({recipe.name}) after epoch {resume['extra']['epoch']} of {recipe.epochs}",
               flush=True)
     else:
         for stale in ("last.pt", "best.pt", "metrics.csv"):

@@ -6,7 +6,7 @@ import torch
 from qvit_export import QuantConfig, QvitError, calibrate, load_checkpoint, quantize, quantizers, save_checkpoint
 from qvit_export.config import QUANT_GROUPS
 from qvit_export.quantize import quantizer_group, set_quantizers_enabled
-from qvit_export.recipe import load_recipe, quant_config, with_defaults
+from qvit_export.recipe import load_recipe, with_defaults
 from qvit_export.trainer import Trainer
 
 EXPECTED = {"mlp": {"mlp.fc1.input_quantizer", "mlp.fc1.weight_quantizer", "mlp.fc2.input_quantizer",
@@ -52,7 +52,7 @@ def test_left_out_groups_stay_off_in_training_evaluation_and_a_checkpoint(fmnist
     recipe = load_recipe("demo_w4a4", {"teacher": str(teacher), "w_bits": 2, "a_bits": 2, "irm": False,
                                        "quant_groups": ["mhsa_acts"], "train_limit": 128, "val_limit": 100,
                                        "batch_size": 32, "calibration_images": 64, "epochs": 1})
-    assert quant_config(recipe).groups == ("mhsa_acts",)
+    assert recipe.quant.groups == ("mhsa_acts",)
     trainer = Trainer(recipe, tmp_path / "run", progress=False)
     left_out = {n: q for n, q in quantizers(trainer.model) if quantizer_group(trainer.model, n) not in (None, "mhsa_acts")}
     kept = {n: q for n, q in quantizers(trainer.model) if quantizer_group(trainer.model, n) == "mhsa_acts"}
@@ -98,7 +98,7 @@ def test_group_options_and_old_runs():
             QuantConfig(groups=bad)
     with pytest.raises(QvitError, match="quant_groups=\\['ffn'\\] must be null"):
         load_recipe("demo_w4a4", {"quant_groups": ["ffn"]})
-    assert load_recipe("demo_w4a4", {"quant_groups": list(QUANT_GROUPS)})["quant_groups"] is None
+    assert load_recipe("demo_w4a4", {"quant_groups": list(QUANT_GROUPS)}).to_dict()["quant_groups"] is None
     with pytest.raises(QvitError, match="dgd_form='sp' is not one of cosine, gram-row, gram"):
         load_recipe("demo_w4a4", {"dgd_form": "sp"})
 
@@ -107,8 +107,8 @@ def test_a_run_saved_before_dgd_forms_trained_the_cosine_form(monkeypatch):
     from qvit_export import recipe as recipes
 
     today = load_recipe("demo_w4a4", {"dgd_form": "gram-row"})
-    saved = {k: v for k, v in today.items() if k not in ("dgd_form", "quant_groups")}
+    saved = {k: v for k, v in today.to_dict().items() if k not in ("dgd_form", "quant_groups")}
     monkeypatch.setitem(recipes.DEFAULTS, "dgd_form", "gram-row")  # whatever the default becomes
     assert with_defaults(saved)["dgd_form"] == "cosine"
     assert with_defaults(saved)["quant_groups"] is None
-    assert with_defaults(today)["dgd_form"] == "gram-row"
+    assert with_defaults(today.to_dict())["dgd_form"] == "gram-row" and today.trains_as(today.to_dict())

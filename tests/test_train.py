@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from qvit_export import QvitError, read_checkpoint, save_checkpoint
 from qvit_export.config import DEFAULT_IRM, SAVED_TRUE_IRM
-from qvit_export.recipe import RECIPE_DIRS, load_recipe
+from qvit_export.recipe import RECIPE_DIRS, Augment, Recipe, load_recipe
 from qvit_export.trainer import Trainer, finished_run, saved_run, train_or_reuse
 
 QVIT_TRAIN = [sys.executable, "-c",
@@ -41,12 +42,39 @@ def test_every_recipe_resolves():
     assert {"demo_fp", "demo_w4a4", "deit_small_w4a4", "swin_tiny_w2a2"} <= set(names)
     for name in names:
         recipe = load_recipe(name)
-        assert recipe["name"] == name
+        assert recipe.name == name
     deit = load_recipe("deit_tiny_w3a3")
-    assert (deit["w_bits"], deit["a_bits"], deit["model"], deit["dgd"]) == (3, 3, "deit_tiny_patch16_224", True)
-    assert deit["irm"] == DEFAULT_IRM  # irm: true in the file; the run records the variant it trains
+    assert (deit.quant.w_bits, deit.quant.a_bits, deit.model, deit.dgd) == (3, 3, "deit_tiny_patch16_224", True)
+    assert deit.quant.irm == DEFAULT_IRM  # irm: true in the file; the run records the variant it trains
     over = load_recipe("demo_w4a4", {"w_bits": 2, "augment.hflip": 0.0, "lr": 1e-4})
-    assert (over["w_bits"], over["augment"]["hflip"], over["lr"]) == (2, 0.0, 1e-4)
+    assert (over.quant.w_bits, over.augment.hflip, over.lr) == (2, 0.0, 1e-4)
+
+
+def test_a_recipe_is_a_frozen_dataclass_holding_a_quant_config():
+    """The typed recipe: quantization keys form a QuantConfig, augmentation an Augment, nothing is a string key;
+    its flat form is what a file writes and a run saves, and reads back to the same recipe."""
+    import dataclasses
+
+    from qvit_export import QuantConfig
+
+    recipe = load_recipe("swin_tiny_w2a2", {"quant_groups": ["mhsa_acts", "mlp"], "irm": "token"})
+    assert isinstance(recipe.quant, QuantConfig) and isinstance(recipe.augment, Augment)
+    assert recipe.quant == QuantConfig(2, 2, irm="token", calibration=recipe.quant.calibration,
+                                       groups=("mlp", "mhsa_acts"))
+    assert recipe.augment.scale == (0.08, 1.0) and isinstance(recipe.augment.scale, tuple)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.lr = 1.0
+    flat = recipe.to_dict()
+    assert list(flat) == list(load_recipe("demo_fp").to_dict())  # one key order: the file format's
+    assert flat["quant_groups"] == ["mlp", "mhsa_acts"] and flat["w_bits"] == 2 and flat["augment"]["scale"] == [0.08, 1.0]
+    assert Recipe.from_mapping(flat) == recipe and recipe.trains_as(flat)
+    assert not recipe.trains_as(flat | {"seed": 1})
+    assert recipe.overridden({"seed": 1, "augment.re_prob": 0.0}) == Recipe.from_mapping(
+        flat | {"seed": 1, "augment": flat["augment"] | {"re_prob": 0.0}})
+    assert load_recipe(None, {"teacher": "t.pt"}).to_yaml() == yaml.safe_dump(
+        load_recipe(None, {"teacher": "t.pt"}).to_dict(), sort_keys=False)
+    with pytest.raises(QvitError, match="lr='fast' must be a finite number"):
+        recipe.overridden({"lr": "fast"})
 
 
 def test_qat_steps_lower_the_loss(teacher_ckpt, tmp_path, figures):
@@ -94,11 +122,14 @@ def test_steps_and_irm_have_their_own_learning_rates(fmnist_teacher):
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0, 0.0, 0.0]
     # a run saved before these keys existed is the run of today's recipe (their defaults train the same way)
     recipe = load_recipe("demo_w4a4")
-    older = {k: v for k, v in recipe.items() if k not in ("step_lr_scale", "irm_lr_scale")}
-    assert with_defaults(older) == recipe and (recipe["step_lr_scale"], recipe["irm_lr_scale"]) == (1.0, 1.0)
+    older = {k: v for k, v in recipe.to_dict().items() if k not in ("step_lr_scale", "irm_lr_scale")}
+    assert recipe.trains_as(older) and (recipe.step_lr_scale, recipe.irm_lr_scale) == (1.0, 1.0)
     # a QAT run saved with irm: true (before runs named the variant) trained the paper's IRM, whatever the default
-    assert with_defaults(recipe | {"irm": True})["irm"] == SAVED_TRUE_IRM == "token"
-    assert with_defaults(load_recipe("demo_fp"))["irm"] is True  # an FP run has no IRM: nothing to resolve
+    assert with_defaults(recipe.to_dict() | {"irm": True})["irm"] == SAVED_TRUE_IRM == "token"
+    assert Recipe.from_saved(recipe.to_dict() | {"irm": True}).quant.irm == "token"
+    # an FP run has no IRM: one saved with irm: true (as FP runs were) is today's FP recipe
+    fp = load_recipe("demo_fp")
+    assert fp.trains_as(fp.to_dict() | {"irm": True}) and fp.quant.irm == DEFAULT_IRM
 
 
 def test_autocast_path(teacher_ckpt, tmp_path):
@@ -168,7 +199,8 @@ def test_killed_run_resumes_to_the_same_result(teacher_ckpt, tmp_path):
     run_dir = tmp_path / "killed"
     saved = killed_run([*QVIT_TRAIN, *common], run_dir, 1)
     assert saved["epoch"] == 1
-    assert finished_run(run_dir, saved["recipe"]) is None
+    recipe = Recipe.from_saved(saved["recipe"])
+    assert finished_run(run_dir, recipe) is None
     resumed = subprocess.run([*QVIT_TRAIN, "--resume", run_dir / "last.pt", "--no-progress"], capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -176,13 +208,13 @@ def test_killed_run_resumes_to_the_same_result(teacher_ckpt, tmp_path):
     reused_dir = tmp_path / "killed_at_start"
     saved_at_start = killed_run([*QVIT_TRAIN, *common], reused_dir, 0)
     assert saved_at_start["epoch"] == 0 and saved_at_start["recipe"] == saved["recipe"]
-    assert saved_run(reused_dir, saved["recipe"])["extra"]["epoch"] == 0
-    assert train_or_reuse(saved["recipe"], reused_dir, progress=False) == reused_dir / "best.pt"
+    assert saved_run(reused_dir, recipe)["extra"]["epoch"] == 0
+    assert train_or_reuse(recipe, reused_dir, progress=False) == reused_dir / "best.pt"
 
     whole_rows = [ln.split(",")[:9] for ln in whole_csv.splitlines()]
     for run in (run_dir, reused_dir):
         assert max_difference(stored(tmp_path / "whole" / "last.pt"), stored(run / "last.pt")) < 1e-6
-        assert finished_run(run, saved["recipe"]) == run / "best.pt"
+        assert finished_run(run, recipe) == run / "best.pt"
         resumed_rows = [ln.split(",")[:9] for ln in (run / "metrics.csv").read_text().splitlines()]
         assert whole_rows == resumed_rows  # loss terms and validation metrics per epoch; timings differ
 
@@ -256,10 +288,11 @@ def test_teacher_sources(teacher_ckpt, fmnist_teacher, fmnist_calibration, tmp_p
     x = fmnist_calibration[0][:8]
     expected = fmnist_teacher(x)
     for spec in (teacher_ckpt, weights):
-        teacher = load_teacher({"teacher": str(spec), "model": DEMO_MODEL, "model_kwargs": DEMO_KWARGS})
+        teacher = load_teacher(load_recipe("demo_w4a4", {"teacher": str(spec), "model": DEMO_MODEL,
+                                                              "model_kwargs": DEMO_KWARGS}))
         assert torch.equal(teacher.eval()(x), expected)
     with pytest.raises(QvitError, match="plain weights file"):
-        load_teacher({"teacher": str(weights), "model": None, "model_kwargs": {}})
+        load_teacher(load_recipe("demo_w4a4", {"teacher": str(weights), "model": None, "model_kwargs": {}}))
     quantized = save_checkpoint(tmp_path / "q.pt", quantize(fmnist_teacher, QuantConfig(w_bits=8, a_bits=8, irm=False)))
     with pytest.raises(QvitError, match="teacher .* is already quantized"):
-        load_teacher({"teacher": str(quantized), "model": None, "model_kwargs": {}})
+        load_teacher(load_recipe("demo_w4a4", {"teacher": str(quantized), "model": None, "model_kwargs": {}}))
