@@ -2,7 +2,7 @@
 quantization scheme")."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import QvitError
 from .untrusted import shown
@@ -47,14 +47,16 @@ class QuantConfig:
 
     Weights: symmetric, one LSQ step per output channel. Activations: symmetric, one step per tensor,
     zero point 0, signed or unsigned as calibration finds. Layers whose module name starts with an
-    entry of ``keep_8bit`` (patch embedding and classifier heads, as in the paper) use ``edge_bits``.
+    entry of ``keep_8bit`` use ``edge_bits``; None (the default) means the model family's edge layers
+    (``Family.edge_layers``: the patch embedding and classifier heads, as in the paper), which ``quantize`` writes
+    into the model's own config (``with_edges``), so a checkpoint names them.
     """
 
     w_bits: int = 4
     a_bits: int = 4
     irm: bool | str = DEFAULT_IRM  # False, or an IRM variant (IRM_VARIANTS); True means DEFAULT_IRM
     edge_bits: int = 8
-    keep_8bit: tuple[str, ...] = ("patch_embed", "head", "head_dist")
+    keep_8bit: tuple[str, ...] | None = None
     calibration: str = "mse"
     groups: tuple[str, ...] = QUANT_GROUPS  # which block quantizers are on (QUANT_GROUPS): all by default
 
@@ -69,16 +71,8 @@ class QuantConfig:
         if self.calibration not in CALIBRATION_METHODS:
             raise QvitError(f"calibration={shown(self.calibration)} is unknown: choose one of {', '.join(CALIBRATION_METHODS)}")
         # A list from YAML or JSON is accepted (one name as a string too); a tuple keeps the config hashable.
-        keep = (self.keep_8bit,) if isinstance(self.keep_8bit, str) else self.keep_8bit
-        try:
-            keep = tuple(keep)
-        except TypeError:
-            raise QvitError(f"keep_8bit={shown(self.keep_8bit)} must be a list of module names such as "
-                            "['patch_embed', 'head']") from None
-        if not all(isinstance(k, str) and k for k in keep):
-            raise QvitError(f"keep_8bit={shown(self.keep_8bit)} must be a list of module names such as "
-                            "['patch_embed', 'head']")
-        object.__setattr__(self, "keep_8bit", keep)
+        if self.keep_8bit is not None:
+            object.__setattr__(self, "keep_8bit", self._edge_names(self.keep_8bit))
         groups = (self.groups,) if isinstance(self.groups, str) else self.groups
         try:
             groups = tuple(groups)
@@ -90,12 +84,32 @@ class QuantConfig:
                             f"{', '.join(QUANT_GROUPS)}")
         object.__setattr__(self, "groups", tuple(g for g in QUANT_GROUPS if g in groups))  # one order: hashable
 
+    @staticmethod
+    def _edge_names(value) -> tuple[str, ...]:
+        keep = (value,) if isinstance(value, str) else value
+        try:
+            keep = tuple(keep)
+        except TypeError:
+            keep = None
+        if keep is None or not all(isinstance(k, str) and k for k in keep):
+            raise QvitError(f"keep_8bit={shown(value)} must be a list of module names such as "
+                            "['patch_embed', 'head'], or null for the model family's")
+        return keep
+
+    def with_edges(self, edge_layers: tuple[str, ...]) -> "QuantConfig":
+        """This config with ``keep_8bit`` resolved: the given edge layers where it says None (the family's)."""
+        return self if self.keep_8bit is not None else replace(self, keep_8bit=tuple(edge_layers))
+
     @property
     def all_groups(self) -> bool:
         return self.groups == QUANT_GROUPS
 
     def is_edge(self, module_name: str) -> bool:
-        """Whether the layer is one of the first/last layers kept at ``edge_bits``."""
+        """Whether the layer is one of the first/last layers kept at ``edge_bits`` (``keep_8bit`` resolved:
+        ``with_edges``)."""
+        if self.keep_8bit is None:
+            raise QvitError("this QuantConfig's edge layers are the model family's: resolve them with "
+                            "with_edges(family.edge_layers), as quantize does")
         return any(module_name == p or module_name.startswith(p + ".") for p in self.keep_8bit)
 
     def bits_for(self, module_name: str) -> tuple[int, int]:
@@ -106,7 +120,7 @@ class QuantConfig:
         """The config as plain data. ``groups`` is written only when it is not all of them, so a fully quantized
         model's checkpoint and ONNX metadata read as they did before groups existed."""
         d = asdict(self)
-        d["keep_8bit"] = list(self.keep_8bit)
+        d["keep_8bit"] = None if self.keep_8bit is None else list(self.keep_8bit)
         if self.all_groups:
             del d["groups"]
         else:

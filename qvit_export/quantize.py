@@ -26,6 +26,7 @@ def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Mo
         raise QvitError("this model is already quantized: quantize the FP model instead")
     if cfg.irm and family.irm_refusal:
         raise QvitError(family.irm_refusal)
+    cfg = cfg.with_edges(family.edge_layers)
     if not inplace:
         model = copy.deepcopy(model)
     for name, mod in list(model.named_modules()):

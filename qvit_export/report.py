@@ -162,6 +162,10 @@ class Report:
 def report(model: nn.Module, cfg: QuantConfig | None, name: str = "") -> Report:
     """OPs and size of ``model`` (an FP timm model, or a quantized one whose own config is used if cfg is None)."""
     cfg = cfg or getattr(model, "qvit_config", None)
+    if cfg is not None:
+        from .families import family_for_model
+
+        cfg = cfg.with_edges(family_for_model(model).edge_layers)
     rows = count_layers(model, cfg)
     fp_bits, q_bits = model_size_bits(model, rows, cfg)
     return Report(name or model.__class__.__name__, cfg.w_bits if cfg else None, cfg.a_bits if cfg else None, rows,

@@ -204,3 +204,22 @@ def test_families_are_registered_adapters():
         assert swapped == set(family.attention_swaps().values())
         assert family.input_shape(model)[0] == 3 and family.input_layer(model) is model.patch_embed.proj
         assert (family.patch_positions(model) is None) == family.name.startswith("Swin")  # windows: no image-wide distance
+        # the family names its 8-bit edge layers; quantize writes them into the model's config (and checkpoint)
+        assert q.qvit_config.keep_8bit == family.edge_layers
+        edges = {n for n, _ in quantizers(q) if q.qvit_config.is_edge(n.rpartition(".")[0])}
+        assert edges and all(qz.bits == 8 for n, qz in quantizers(q) if n in edges)
+        assert {n.split(".")[0] for n in edges} == {"patch_embed", "head"} - ({"head"} if not model.num_classes else set())
+
+
+def test_edge_layers_are_the_familys_unless_the_config_names_them():
+    cfg = QuantConfig(w_bits=2, a_bits=2, irm=False)
+    assert cfg.keep_8bit is None and cfg.to_dict()["keep_8bit"] is None
+    with pytest.raises(QvitError, match="edge layers are the model family's: resolve them with with_edges"):
+        cfg.is_edge("head")
+    deit = quantize(create_model("deit_tiny_distilled_patch16_224"), cfg)
+    assert deit.qvit_config.keep_8bit == ("patch_embed", "head", "head_dist")
+    assert dict(quantizers(deit))["head_dist.weight_quantizer"].bits == 8
+    only_embed = quantize(create_model("test_vit"), QuantConfig(w_bits=2, a_bits=2, irm=False, keep_8bit=["patch_embed"]))
+    bits = {n: q.bits for n, q in quantizers(only_embed)}
+    assert bits["patch_embed.proj.weight_quantizer"] == 8 and bits["head.weight_quantizer"] == 2
+    assert only_embed.qvit_config.keep_8bit == ("patch_embed",)

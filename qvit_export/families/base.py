@@ -91,6 +91,9 @@ class Family:
     # Submodules (by their own name, e.g. "cpb_mlp") whose layers stay in float: they compute from constants only,
     # so the exported graph folds them into one constant and a quantizer there would only add error.
     float_modules: tuple[str, ...] = ()
+    # The layers kept at edge_bits when a QuantConfig leaves keep_8bit to the family (module-name prefixes): the
+    # layer that takes the image and the classifier heads, as the paper keeps them.
+    edge_layers: tuple[str, ...] = ("patch_embed", "head")
     # Why IRM is refused on this family (a one-line message), or None where IRM applies.
     irm_refusal: str | None = None
 

@@ -41,6 +41,7 @@ class ViT(Family):
     timm_module = "timm.models.vision_transformer"
     timm_class = "VisionTransformer"
     name_patterns = ("vit*", "deit*")
+    edge_layers = ("patch_embed", "head", "head_dist")  # DeiT's distillation head too
     args = COMMON_ARGS | {
         "patch_size": Arg("size", 1, 1024), "depth": Arg("int", 1, 64), "num_heads": Arg("int", 1, 256),
         "global_pool": Arg("choice", choices=("", "avg", "avgmax", "max", "token", "map")),
