@@ -58,13 +58,14 @@ def step_percentile(x: torch.Tensor, qmax: int, dim: int | None = None) -> torch
 
 
 def choose_step(method: str, x: torch.Tensor, q: LSQQuantizer, max_abs=None) -> torch.Tensor:
-    """Per-channel rows for a weight quantizer (x is [C, -1]), per tensor otherwise."""
-    dim = 1 if q.per_channel else None
+    """One step per row of ``x`` for a weight quantizer (a row per channel, or per block), per tensor otherwise."""
+    rows = q.per_channel or q.per_block
+    dim = 1 if rows else None
     if method == "lsq":
         return step_lsq(x, q.qmax, dim)
     if method == "percentile":
         return step_percentile(x, q.qmax, dim)
-    return step_mse(x, q.qmin, q.qmax, None if q.per_channel else max_abs)
+    return step_mse(x, q.qmin, q.qmax, None if rows else max_abs)
 
 
 # ---- statistics ------------------------------------------------------------------------------------
@@ -188,7 +189,8 @@ def calibrate(model: nn.Module, data, method: str | None = None, irm_steps: int 
     for name, q in named:
         if q.role == WEIGHT:  # its owner's weight is all the data it needs
             w = model.get_submodule(name.rsplit(".", 1)[0]).weight.detach()
-            q.set_step(choose_step(method, w.reshape(w.shape[0], -1).float(), q))
+            rows = w.reshape(-1, q.granularity.size) if q.per_block else w.reshape(w.shape[0], -1)
+            q.set_step(choose_step(method, rows.float(), q))  # one row per channel, or per block
     from .quantize import check_steps
 
     check_steps(model, "calibration failed")  # e.g. non-finite weights

@@ -343,6 +343,11 @@ def quantize_parser() -> argparse.ArgumentParser:
                         f"({', '.join(IRM_VARIANTS)}; default {DEFAULT_IRM}; token is the paper's)")
     q.add_argument("--method", choices=("mse", "lsq", "percentile"), default="mse", help="step rule (default mse)")
     q.add_argument("--irm-steps", type=_int_in(0), default=100, help="Adam steps of the IRM fit (default 100)")
+    from .config import INT4_BLOCKS
+
+    q.add_argument("--w-block", type=int, choices=INT4_BLOCKS,
+                   help="one weight step per block of this many inputs instead of per channel, where a layer can be "
+                        "INT4 blocks; such a model deploys as INT4 with the same --int4-block")
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", required=True,
                    help="a calibration manifest (.json, or a shipped name: fashion-mnist, photos), or an image folder "
@@ -395,6 +400,9 @@ def quantize_main(argv=None) -> int:
     if export:
         args.ckpt = args.out
         options, more, more_inputs, removes = _export_plan(args)
+        if args.w_block and not (options.export.int4 and options.export.int4_block == args.w_block):
+            raise QvitError(f"--w-block {args.w_block} weights deploy only as INT4 blocks of {args.w_block}: add "
+                            f"--precision int4 (or int4-weight-only) --int4-block {args.w_block}, or drop --w-block")
         outputs |= more
         inputs |= more_inputs
     from .transaction import OutputSet
@@ -404,7 +412,7 @@ def quantize_main(argv=None) -> int:
 
         model, calib_set, hint = post_training_quantize(
             args.model, weights=args.weights, pretrained=args.pretrained, model_kwargs=_model_args(args.model_arg),
-            w_bits=w_bits, a_bits=a_bits, irm=args.irm, method=args.method, irm_steps=args.irm_steps,
+            w_bits=w_bits, a_bits=a_bits, irm=args.irm, method=args.method, irm_steps=args.irm_steps, w_block=args.w_block,
             calib=args.calib, calib_images=args.calib_images, seed=args.seed, calib_root=args.calib_root,
             batch_size=args.batch_size, max_image_bytes=_image_bytes(args))
         from .checkpoint import save_checkpoint

@@ -8,6 +8,7 @@ from .errors import QvitError
 from .untrusted import shown
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+INT4_BLOCKS = (64, 128)  # TensorRT's documented INT4 block sizes ("Quantized types")
 CALIBRATION_METHODS = ("mse", "lsq", "percentile")
 # IRM on q and k (layers.IRM_NORMS holds one class per name): 'token', the paper's LayerNorm over head_dim per
 # token; 'head', one mean and variance per head over tokens x head_dim (an affine map of the whole head);
@@ -59,6 +60,11 @@ class QuantConfig:
     keep_8bit: tuple[str, ...] | None = None
     calibration: str = "mse"
     groups: tuple[str, ...] = QUANT_GROUPS  # which block quantizers are on (QUANT_GROUPS): all by default
+    # Weight steps: None, one per output channel; 64 or 128, one per block of that many inputs of each output
+    # channel (lsq.PerBlock) wherever the layer can be INT4 blocks in TensorRT (lsq.block_refusal: <= 4-bit weights,
+    # K a multiple of two blocks or more, an even channel count; edge layers and the rest keep one per channel).
+    # Such a model deploys as INT4 with that block size (qvit-export --precision int4 --int4-block N).
+    w_block: int | None = None
 
     def __post_init__(self):
         for f in ("w_bits", "a_bits", "edge_bits"):
@@ -73,6 +79,9 @@ class QuantConfig:
         # A list from YAML or JSON is accepted (one name as a string too); a tuple keeps the config hashable.
         if self.keep_8bit is not None:
             object.__setattr__(self, "keep_8bit", self._edge_names(self.keep_8bit))
+        if self.w_block is not None and (isinstance(self.w_block, bool) or self.w_block not in INT4_BLOCKS):
+            raise QvitError(f"w_block={shown(self.w_block)} is not an INT4 block size TensorRT documents: choose "
+                            f"{' or '.join(map(str, INT4_BLOCKS))}, or null for one weight step per channel")
         groups = (self.groups,) if isinstance(self.groups, str) else self.groups
         try:
             groups = tuple(groups)
@@ -125,6 +134,8 @@ class QuantConfig:
             del d["groups"]
         else:
             d["groups"] = list(self.groups)
+        if self.w_block is None:  # as before blocks existed
+            del d["w_block"]
         return d
 
     @classmethod

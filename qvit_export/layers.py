@@ -11,17 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lsq import WEIGHT, LSQQuantizer, PerChannel
+from .lsq import WEIGHT, LSQQuantizer, PerBlock, PerChannel
 
 
 class QuantWeightMixin:
-    """An LSQ quantizer on the layer's input (per tensor) and on its weight (one step per output channel)."""
+    """An LSQ quantizer on the layer's input (per tensor) and on its weight (one step per output channel, or per
+    ``block`` inputs of each output channel: a Linear's only)."""
 
-    def attach_quantizers(self, w_bits: int, a_bits: int, name: str) -> None:
+    def attach_quantizers(self, w_bits: int, a_bits: int, name: str, block: int | None = None) -> None:
         self.input_quantizer = LSQQuantizer(a_bits, name=name + ".input_quantizer")
-        step_shape = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
+        if block:
+            step_shape, granularity = (self.weight.shape[0], self.weight.shape[1] // block), PerBlock(1, block)
+        else:
+            step_shape = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
+            granularity = PerChannel(axis=0)
         self.weight_quantizer = LSQQuantizer(w_bits, step_shape, signed=True, name=name + ".weight_quantizer",
-                                             role=WEIGHT, granularity=PerChannel(axis=0))
+                                             role=WEIGHT, granularity=granularity)
 
 
 class QuantLinear(QuantWeightMixin, nn.Linear):

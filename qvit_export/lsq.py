@@ -4,7 +4,8 @@ forward:  x_hat = clamp(round(x / s), qmin, qmax) * s     (round half to even, a
 backward: straight-through for round; dx = 1 inside the range, 0 outside;
           ds = (round(x/s) - x/s) inside, qmin or qmax outside, times g = 1 / sqrt(N * qmax).
 
-Weights use one step per output channel (axis 0), activations one step per tensor. Signed codes span
+Weights use one step per output channel (axis 0), or per block of input channels within each output channel
+(QuantConfig.w_block: TensorRT's INT4 blocks); activations one step per tensor. Signed codes span
 [-2^(b-1), 2^(b-1) - 1]; unsigned codes [0, 2^b - 1], except at 8 bits where [0, 127] keeps the codes in
 INT8 with a zero point of 0 (TensorRT has no UINT8 quantization).
 """
@@ -56,26 +57,52 @@ class PerChannel:
     kind = "channel"
 
 
+@dataclass(frozen=True)
+class PerBlock:
+    """One step per block of ``size`` consecutive indices of ``axis`` within each index of the other axis: a
+    Linear weight [out, in] with axis 1 has out x in/size steps, the layout of TensorRT's blocked INT4 weights."""
+
+    axis: int = 1
+    size: int = 64
+    kind = "block"
+
+
+def block_refusal(in_features: int, out_features: int, bits: int, block: int) -> str | None:
+    """Why a Linear layer's weights cannot be INT4 blocks of ``block`` inputs in a TensorRT plan, or None where they
+    can: the rule onnx_export.int4_layers deploys by and quantize gives per-block steps by."""
+    if bits > 4:
+        return f"{bits}-bit weights"
+    if in_features % block:
+        return f"K={in_features} is no multiple of the INT4 block {block}"
+    if in_features == block:  # measured, TensorRT-RTX 1.7 weight-only: K=64/block 64 and K=128/block 128 unfused
+        return (f"K={in_features} is a single INT4 block: TensorRT-RTX dequantizes a one-block weight in a separate "
+                "kernel on every inference instead of inside the GEMM")
+    if out_features % 2:
+        return f"{out_features} output channels: INT4 needs an even count"
+    return None
+
+
 class LSQQuantizer(nn.Module):
     """Fake-quantizes its input with a learned step.
 
     ``role`` says what it quantizes (WEIGHT or ACTIVATION) and ``granularity`` how many steps it has (PerTensor,
-    PerChannel): calibration, parity and export read them. ``step_shape`` is ``()`` for a per-tensor quantizer, or
-    the shape that broadcasts one step per output channel over a weight (``(C_out, 1)`` for Linear,
-    ``(C_out, 1, 1, 1)`` for Conv2d); the granularity defaults to what it describes. INT4 blocks are an export
-    encoding of per-channel codes (onnx_export), not a training granularity. Until calibration sets
+    PerChannel, PerBlock): calibration, parity and export read them. ``step_shape`` is ``()`` for a per-tensor
+    quantizer, the shape that broadcasts one step per output channel over a weight (``(C_out, 1)`` for Linear,
+    ``(C_out, 1, 1, 1)`` for Conv2d), or ``(C_out, C_in / size)`` for blocks of a Linear weight; the granularity
+    defaults to per tensor or per channel, as the shape says. Until calibration sets
     the step (``initialized``), an enabled quantizer refuses to run. ``enabled = False`` makes it the identity.
     ``excluded`` (set by ``quantize`` for a group that ``QuantConfig.groups`` leaves out) keeps it the identity
     for good: ``enabled`` then reads False whatever is assigned to it.
     """
 
     def __init__(self, bits: int, step_shape: tuple[int, ...] = (), signed: bool = True, name: str = "",
-                 role: str = ACTIVATION, granularity: PerTensor | PerChannel | None = None):
+                 role: str = ACTIVATION, granularity: PerTensor | PerChannel | PerBlock | None = None):
         super().__init__()
         if role not in (WEIGHT, ACTIVATION):
             raise QvitError(f"quantizer '{name}': role {role!r} is neither {WEIGHT!r} nor {ACTIVATION!r}")
         granularity = granularity or (PerChannel(0 if role == WEIGHT else -1) if step_shape else PerTensor())
-        if isinstance(granularity, PerTensor) != (tuple(step_shape) == ()):
+        if isinstance(granularity, PerTensor) != (tuple(step_shape) == ()) or \
+                (isinstance(granularity, PerBlock) and (len(step_shape) != 2 or granularity.axis != 1)):
             raise QvitError(f"quantizer '{name}': a {granularity.kind} step cannot have the shape {tuple(step_shape)}")
         self.role, self.granularity = role, granularity
         self.bits = check_bits("bits", bits)
@@ -99,6 +126,14 @@ class LSQQuantizer(nn.Module):
         return isinstance(self.granularity, PerChannel)
 
     @property
+    def per_block(self) -> bool:
+        return isinstance(self.granularity, PerBlock)
+
+    def _broadcast(self, step: torch.Tensor) -> torch.Tensor:
+        """The step in a shape that broadcasts over the quantized tensor (per block: repeated along its blocks)."""
+        return step.repeat_interleave(self.granularity.size, dim=1) if self.per_block else step
+
+    @property
     def qmin(self) -> int:
         return code_range(self.bits, self.signed)[0]
 
@@ -113,7 +148,7 @@ class LSQQuantizer(nn.Module):
     def int_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``x`` (int32): what an INT8/INT4 tensor in the deployed graph holds."""
         with torch.no_grad():
-            return torch.clamp(torch.round(x / self.scale()), self.qmin, self.qmax).to(torch.int32)
+            return torch.clamp(torch.round(x / self._broadcast(self.scale())), self.qmin, self.qmax).to(torch.int32)
 
     def set_step(self, step: torch.Tensor, signed: bool | None = None) -> None:
         if signed is not None:
@@ -127,9 +162,10 @@ class LSQQuantizer(nn.Module):
             return x
         if not self.initialized:
             raise QvitError(f"quantizer '{self.name}' has no step yet: run qvit_export.calibrate(model, batches) first")
-        # N: elements that share one step (per sample for activations, per channel for weights).
-        n = x.numel() / (self.step.numel() if self.per_channel else x.shape[0])
+        # N: elements that share one step (per sample for activations, per channel or block for weights).
+        n = x.numel() / (x.shape[0] if isinstance(self.granularity, PerTensor) else self.step.numel())
         s = _scale_grad(self.step.clamp_min(torch.finfo(self.step.dtype).tiny), 1.0 / math.sqrt(n * self.qmax))
+        s = self._broadcast(s)
         # Codes in float32 even under autocast: bfloat16 cannot tell x/s = 126.6 from 126.5.
         return (_round_ste(torch.clamp(x.float() / s, self.qmin, self.qmax)) * s).to(x.dtype)
 
@@ -154,7 +190,7 @@ class LSQQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        kind = f"{self.role}, per-{self.granularity.kind}"
+        kind = f"{self.role}, per-{self.granularity.kind}" + (f" of {self.granularity.size}" if self.per_block else "")
         sign = "signed" if self.signed else "unsigned"
         state = "" if self.initialized else ", uncalibrated"
         off = ", excluded" if self.excluded else ("" if self.enabled else ", off")

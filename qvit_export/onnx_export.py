@@ -33,9 +33,10 @@ import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
+from .config import INT4_BLOCKS
 from .errors import QvitError
 from .layers import IRMNorm, QuantConv2d, QuantLinear, head_layer_norm
-from .lsq import ACTIVATION, LSQQuantizer
+from .lsq import ACTIVATION, LSQQuantizer, block_refusal
 from . import onnx_routes
 from .onnx_graph import OWNER_KEY
 from .timm_models import input_shape
@@ -44,7 +45,6 @@ DEFAULT_OPSET = 17      # LayerNormalization; per-axis QDQ
 FP16_MIN_OPSET = 19     # FP16 scales on QuantizeLinear/DequantizeLinear
 INT4_OPSET = 21         # INT4 initializers, blocked DequantizeLinear
 PRECISIONS = ("int8", "int4", "int4-weight-only")
-INT4_BLOCKS = (64, 128)  # TensorRT's documented INT4 block sizes ("Quantized types")
 # 64 covers the most weight bytes of DeiT/Swin: every layer of DeiT-Ti/S/B, all of Swin but stage 1's K=96
 # layers (benchmarks/engine_anatomy.py counts the coverage); 128 leaves DeiT-Ti's K=192 layers in INT8.
 DEFAULT_INT4_BLOCK = 64
@@ -169,7 +169,12 @@ class PassThrough(nn.Module):
 
 class _ExportWeightLayer(nn.Module):
     """The input QDQ, INT8 weight codes, per-channel scales and zero points that Linear and Conv share.
-    ``axis`` is the output-channel axis of the stored weight (1 for MatMul's [in, out], 0 for Conv)."""
+    ``axis`` is the output-channel axis of the stored weight (1 for MatMul's [in, out], 0 for Conv).
+
+    A per-block weight quantizer (QuantConfig.w_block) keeps its steps as ``weight_block_scale`` ([in / block,
+    out], the stored layout), with which the module computes; the traced graph holds the layer as per-channel INT8
+    (each channel's largest block step as its scale) until onnx_graph._to_int4 writes the codes as INT4 blocks with
+    these steps, which every per-block export does (_check_deployable)."""
 
     axis = 0
 
@@ -181,7 +186,12 @@ class _ExportWeightLayer(nn.Module):
         self.input_quantizer = ActivationQDQ(layer.input_quantizer, dtype, f"{name}.input_quantizer") \
             if activations else PassThrough()
         self.register_buffer("weight_codes", self.stored_codes(codes))
-        self.register_buffer("weight_scale", wq.scale().reshape(-1).to(dtype))
+        self.block = wq.granularity.size if wq.per_block else None
+        if self.block:
+            self.register_buffer("weight_block_scale", wq.scale().t().contiguous().to(dtype))
+            self.register_buffer("weight_scale", wq.scale().amax(dim=1).to(dtype))
+        else:
+            self.register_buffer("weight_scale", wq.scale().reshape(-1).to(dtype))
         self.register_buffer("weight_zero", torch.zeros(codes.shape[0], dtype=torch.int8))
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().to(dtype), requires_grad=False)
 
@@ -190,6 +200,9 @@ class _ExportWeightLayer(nn.Module):
         return codes.t().contiguous() if self.axis == 1 else codes
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self.block and not torch.onnx.is_in_onnx_export():
+            return self.weight_codes.to(self.weight_block_scale.dtype) \
+                * self.weight_block_scale.repeat_interleave(self.block, dim=0)
         return _weight_dq(self.weight_codes, self.weight_scale, self.weight_zero, self.axis,
                           f"{self.name}.weight_quantizer")
 
@@ -393,18 +406,11 @@ def int4_layers(model: nn.Module, block: int = DEFAULT_INT4_BLOCK) -> tuple[list
     for name, mod in model.named_modules():
         if not isinstance(mod, QuantLinear):
             continue
-        k, n = mod.in_features, mod.out_features
-        if mod.weight_quantizer.bits > 4:
-            kept[name] = f"{mod.weight_quantizer.bits}-bit weights" + (" (edge layer)" if cfg and cfg.is_edge(name) else "")
-        elif k % block:
-            kept[name] = f"K={k} is no multiple of the INT4 block {block}"
-        elif k == block:  # measured, TensorRT-RTX 1.7 weight-only: K=64/block 64 and K=128/block 128 unfused
-            kept[name] = (f"K={k} is a single INT4 block: TensorRT-RTX dequantizes a one-block weight in a separate "
-                          "kernel on every inference instead of inside the GEMM")
-        elif n % 2:
-            kept[name] = f"{n} output channels: INT4 needs an even count"
-        else:
+        why = block_refusal(mod.in_features, mod.out_features, mod.weight_quantizer.bits, block)
+        if why is None:
             chosen.append(name)
+        else:
+            kept[name] = why + (" (edge layer)" if mod.weight_quantizer.bits > 4 and cfg and cfg.is_edge(name) else "")
     return chosen, kept
 
 
@@ -419,6 +425,11 @@ def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
                 and not (cfg is not None and cfg.is_edge(name)):
             raise QvitError(f"layer '{name}' has {mod.weight_quantizer.bits}-bit weights, which INT4 cannot hold: "
                             "export with --precision int8, or retrain with w_bits <= 4")
+        if isinstance(mod, LSQQuantizer) and mod.per_block and not (options.int4 and
+                                                                     options.int4_block == mod.granularity.size):
+            raise QvitError(f"'{name}' has one step per block of {mod.granularity.size} inputs (w_block), which only "
+                            f"INT4 weights in blocks of {mod.granularity.size} hold: export with --precision int4 "
+                            f"(or int4-weight-only) --int4-block {mod.granularity.size}")
         if isinstance(mod, LSQQuantizer):
             if not mod.initialized:
                 raise QvitError(f"quantizer '{name}' is uncalibrated: calibrate or train the model before export")

@@ -153,10 +153,11 @@ def _prune_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
-def _to_int4(model, layers: list[str], block: int) -> None:
+def _to_int4(model, layers: list[str], block: int, block_steps: dict | None = None) -> None:
     """INT8 weight codes of the MatMul ``layers`` → INT4 initializers, block quantized along K (axis 0 of the
-    stored [K, N] weight) with ``block`` rows per scale. Each block repeats the channel's step, so every
-    dequantized value is the one PyTorch computes."""
+    stored [K, N] weight) with ``block`` rows per scale. Each block's scale is the layer's own step for that block
+    where its quantizer has one per block (``block_steps``: {layer: [K / block, N]}), else the channel's step
+    repeated; either way every dequantized value is the one PyTorch computes."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -173,7 +174,12 @@ def _to_int4(model, layers: list[str], block: int) -> None:
         layer = owner[: -len(".weight_quantizer")]
         codes = numpy_helper.to_array(inits[node.input[0]])
         k, n = codes.shape
-        scale = np.repeat(numpy_helper.to_array(inits[node.input[1]]).reshape(1, n), k // block, axis=0)
+        channel = numpy_helper.to_array(inits[node.input[1]])
+        own = (block_steps or {}).get(layer)
+        if own is not None and own.shape != (k // block, n):
+            raise QvitError(f"layer '{layer}' has {own.shape[0]} weight blocks per channel, not {k // block}: export "
+                            f"with the --int4-block it was quantized with")
+        scale = own.astype(channel.dtype) if own is not None else np.repeat(channel.reshape(1, n), k // block, axis=0)
         # Fresh initializers: the INT8 ones may be shared with other nodes after onnxsim (pruned below if not).
         for index, suffix, tensor in (
                 (0, "codes", helper.make_tensor("", onnx.TensorProto.INT4, [k, n], codes.flatten().tolist())),
@@ -322,7 +328,9 @@ def finalize(model, torch_model, options, opset: int, metadata: dict, int4: list
 
     cfg = getattr(torch_model, "qvit_config", None)
     if options.int4:
-        _to_int4(model, list(int4), options.int4_block)
+        steps = {layer: q.scale().t().contiguous().numpy() for layer in int4
+                 if (q := torch_model.get_submodule(layer).weight_quantizer).per_block}
+        _to_int4(model, list(int4), options.int4_block, steps)
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset

@@ -13,12 +13,12 @@ def post_training_quantize(name: str | None, *, weights=None, pretrained: bool =
                            model_kwargs: dict | None = None, w_bits: int = 8, a_bits: int = 8, irm: bool = False,
                            method: str = "mse", irm_steps: int = 100, calib="photos", calib_images: int = 1024,
                            seed: int = 0, calib_root=None, batch_size: int = 256, progress: bool = True,
-                           max_image_bytes: int | None = None):
+                           max_image_bytes: int | None = None, w_block: int | None = None):
     """(calibrated quantized model, its calibration set, the dataset qvit-export's parity should use).
 
     ``calib``: a manifest (path, shipped name or ``CalibrationSet``), or an image folder from which a
     class-balanced set of ``calib_images`` is drawn with ``seed``; ``max_image_bytes``: the largest image file
-    read (default untrusted.MAX_IMAGE_BYTES).
+    read (default untrusted.MAX_IMAGE_BYTES); ``w_block``: QuantConfig.w_block (per-block weight steps).
     """
     from .untrusted import MAX_IMAGE_BYTES
 
@@ -28,7 +28,7 @@ def post_training_quantize(name: str | None, *, weights=None, pretrained: bool =
     from .config import QuantConfig
     from .quantize import quantize
 
-    cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, irm=irm, calibration=method)  # bad bits fail before loading
+    cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits, irm=irm, calibration=method, w_block=w_block)  # bad bits fail before loading
     if is_manifest_spec(calib):
         calib_set = calib if not isinstance(calib, (str, Path)) else read_manifest(calib)
     else:

@@ -11,7 +11,7 @@ from .config import QuantConfig
 from .errors import QvitError
 from .families import family_for_model
 from .layers import IRMNorm, QuantAttentionMixin, QuantConv2d, QuantLinear
-from .lsq import WEIGHT, LSQQuantizer
+from .lsq import WEIGHT, LSQQuantizer, block_refusal
 
 
 def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Module:
@@ -36,7 +36,9 @@ def quantize(model: nn.Module, cfg: QuantConfig, inplace: bool = False) -> nn.Mo
             continue
         if kind is nn.Linear:
             mod.__class__ = QuantLinear
-            mod.attach_quantizers(w_bits, a_bits, name)
+            blocked = cfg.w_block and not cfg.is_edge(name) \
+                and block_refusal(mod.in_features, mod.out_features, w_bits, cfg.w_block) is None
+            mod.attach_quantizers(w_bits, a_bits, name, cfg.w_block if blocked else None)
         elif kind is nn.Conv2d:
             mod.__class__ = QuantConv2d
             mod.attach_quantizers(w_bits, a_bits, name)

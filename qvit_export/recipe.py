@@ -33,6 +33,7 @@ DEFAULTS: dict = {
     "val_limit": None,
     # quantization (QuantConfig) and calibration
     "w_bits": 4, "a_bits": 4, "edge_bits": 8, "irm": True, "calibration": "mse",
+    "w_block": None,         # null: one weight step per channel; 64 or 128: per block of inputs (INT4 export)
     "calibration_set": None, # a manifest (path or shipped name); None: draw calibration_images from the training
     "calibration_images": 1024,  # data, class-balanced, with the seed (written to the run as calibration.json)
     "irm_steps": 100,
@@ -293,7 +294,7 @@ def _check_augment(aug: dict) -> None:
 
 # The flat keys that make up Recipe.quant, by their QuantConfig field.
 QUANT_KEYS = {"w_bits": "w_bits", "a_bits": "a_bits", "edge_bits": "edge_bits", "irm": "irm",
-              "calibration": "calibration", "quant_groups": "groups"}
+              "calibration": "calibration", "quant_groups": "groups", "w_block": "w_block"}
 
 
 @dataclass(frozen=True)

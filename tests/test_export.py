@@ -12,7 +12,7 @@ import torch
 
 from qvit_export import QuantConfig, QvitError, calibrate, create_model, quantize, quantizers
 from qvit_export.config import DEFAULT_IRM
-from qvit_export.lsq import LSQQuantizer
+from qvit_export.lsq import ACTIVATION, WEIGHT, LSQQuantizer, PerBlock, PerChannel
 from qvit_export.demo import DEMO_KWARGS
 from qvit_export.onnx_export import ExportOptions, export_onnx
 from qvit_export.onnx_graph import qdq_counts, quantized_ops
@@ -26,7 +26,7 @@ PHOTO_MODELS = ["deit_tiny_patch16_224", "swin_tiny_patch4_window7_224"]
 def _counts_match_quantizers(graph, model):
     """One QDQ pair per activation quantizer, one DequantizeLinear per weight quantizer."""
     named = dict(quantizers(model))
-    activations = sum(1 for q in named.values() if not q.per_channel)
+    activations = sum(1 for q in named.values() if q.role == ACTIVATION)
     assert qdq_counts(graph) == {"QuantizeLinear": activations, "DequantizeLinear": len(named)}
 
 
@@ -48,7 +48,7 @@ def _stored_weights_equal_forward(graph, model):
             # MatMul weights are stored [K, N]; a patch embedding written as a MatMul flattens its Conv kernel
             assert torch.equal(stored.T.reshape(expected.shape) if codes.ndim == 2 else stored, expected), node.name
             checked += 1
-    assert checked == sum(1 for _, q in quantizers(model) if q.per_channel)
+    assert checked == sum(1 for _, q in quantizers(model) if q.role == WEIGHT)
 
 
 def _zero_points(graph):
@@ -165,6 +165,66 @@ def test_int4_weights_are_block_quantized_int4(fmnist_exports, fmnist_test, figu
     report = compare(qm, path, fmnist_test.tensors[0][:2000], progress=False)  # the INT8 export has all 10,000
     figures(f"int4 (block 64) demo ViT: {report.table(rows=1)}")
     assert report.images == 2000 and report.weights_identical and report.failures() == []
+
+
+def test_per_block_weight_steps_deploy_as_int4_blocks(fmnist_teacher, fmnist_calibration, fmnist_test, figures,
+                                                      tmp_path):
+    """QuantConfig(w_block=64): one learned step per block of 64 inputs of each output channel where the layer can
+    be INT4 blocks (every qkv, proj, fc1, fc2 of the demo ViT), per channel at the 8-bit edges. The blocks fit the
+    weights more closely than one step per channel, export as INT4 with their own steps (not a repeated one), keep
+    parity through ONNX Runtime, survive a checkpoint, and refuse any form that cannot hold them."""
+    from onnx import numpy_helper
+
+    from qvit_export import load_checkpoint, save_checkpoint
+    from qvit_export.evaluation import evaluate
+
+    blocked = calibrate(quantize(fmnist_teacher, QuantConfig(4, 4, irm=False, w_block=64)), fmnist_calibration,
+                        progress=False)
+    channel = calibrate(quantize(fmnist_teacher, QuantConfig(4, 4, irm=False)), fmnist_calibration, progress=False)
+    weights = {n: q for n, q in quantizers(blocked) if q.role == WEIGHT}
+    per_block = {n for n, q in weights.items() if q.per_block}
+    assert per_block == {f"blocks.{i}.{layer}.weight_quantizer" for i in range(DEPTH)
+                         for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert all(q.granularity == PerBlock(1, 64) for n, q in weights.items() if n in per_block)
+    assert weights["head.weight_quantizer"].granularity == PerChannel(0)  # an 8-bit edge keeps one step per channel
+    channel_q = dict(quantizers(channel))
+    with torch.no_grad():
+        for name in per_block:
+            layer = blocked.get_submodule(name.rsplit(".", 1)[0])
+            q = weights[name]
+            assert q.step.shape == (layer.out_features, layer.in_features // 64)
+            err_block = (q(layer.weight) - layer.weight).pow(2).mean()
+            err_channel = (channel_q[name](layer.weight) - layer.weight).pow(2).mean()
+            assert err_block < err_channel, name
+
+    path = export_onnx(blocked, tmp_path / "w4_block.onnx", ExportOptions(precision="int4"))
+    graph = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    int4 = {n.name.split("/")[0]: n for n in _int4_dq(graph)}
+    assert set(int4) == per_block
+    for name, node in int4.items():
+        scale = inits[node.input[1]].astype(np.float32)
+        assert np.array_equal(scale, weights[name].scale().t().numpy())  # the block steps themselves
+        assert not (scale == scale[:1]).all()  # not one step repeated
+    _stored_weights_equal_forward(graph, blocked)
+    report = compare(blocked, path, fmnist_test.tensors[0][:2000], progress=False)
+    top1 = {kind: evaluate(m, fmnist_test, progress=False)["top1"] for kind, m in (("block", blocked),
+                                                                                   ("channel", channel))}
+    figures(f"W4A4 PTQ demo ViT, per-block (64) weight steps: top-1 {top1['block']:.2f}% "
+            f"(per channel {top1['channel']:.2f}%); int4 export {report.table(rows=1)}")
+    assert report.images == 2000 and report.weights_identical and report.failures() == []
+
+    loaded = load_checkpoint(save_checkpoint(tmp_path / "block.pt", blocked))
+    assert loaded.qvit_config.w_block == 64 and dict(quantizers(loaded))["blocks.0.mlp.fc2.weight_quantizer"].per_block
+    x = fmnist_test.tensors[0][:16]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), blocked(x))
+    for options in (ExportOptions(precision="int8"), ExportOptions(precision="int4", int4_block=128)):
+        with pytest.raises(QvitError, match="only INT4 weights in blocks of 64 hold: export with --precision int4"):
+            export_onnx(blocked, tmp_path / "refused.onnx", options)
+    assert not (tmp_path / "refused.onnx").exists()
+    with pytest.raises(QvitError, match="w_block=96 is not an INT4 block size"):
+        QuantConfig(w_block=96)
 
 
 def test_int4_block_128_keeps_narrow_layers_int8(fmnist_exports):

@@ -130,3 +130,31 @@ def test_a_quantizer_says_its_role_and_granularity():
         LSQQuantizer(4, (8, 1), name="w", role=WEIGHT, granularity=PerTensor())
     with pytest.raises(QvitError, match="role 'bias'"):
         LSQQuantizer(4, name="b", role="bias")
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_per_block_forward_and_step_gradient(bits):
+    """One step per block of 16 inputs of each of 8 channels: the forward is clamped rounding with each element's
+    own block step, each block's step gradient is the LSQ closed form summed over its 16 elements (N = 16), and the
+    integer codes are those of that step."""
+    from qvit_export.lsq import WEIGHT, PerBlock
+
+    torch.manual_seed(bits)
+    x = (torch.randn(8, 64) * 2).requires_grad_(True)
+    step = torch.rand(8, 4) * 0.3 + 0.05
+    q = LSQQuantizer(bits, (8, 4), name="w", role=WEIGHT, granularity=PerBlock(axis=1, size=16))
+    q.set_step(step)
+    full = step.repeat_interleave(16, dim=1)
+    qmin, qmax = code_range(bits, True)
+    assert torch.equal(q(x.detach()), torch.clamp(torch.round(x.detach() / full), qmin, qmax) * full)
+    assert torch.equal(q.int_codes(x.detach()), torch.clamp(torch.round(x.detach() / full), qmin, qmax).int())
+    upstream = torch.randn_like(x)
+    (q(x) * upstream).sum().backward()
+    v = x.detach() / full
+    inside = (v >= qmin) & (v <= qmax)
+    local = torch.where(inside, torch.round(v) - v, torch.where(v < qmin, float(qmin), float(qmax)))
+    expected = (upstream * local).reshape(8, 4, 16).sum(dim=2) / math.sqrt(16 * qmax)
+    torch.testing.assert_close(q.step.grad, expected, rtol=1e-5, atol=1e-6)
+    assert "weight, per-block of 16" in repr(q)
+    with pytest.raises(QvitError, match="a block step cannot have the shape"):
+        LSQQuantizer(4, (8, 1, 1, 1), name="w", role=WEIGHT, granularity=PerBlock(axis=1, size=16))

@@ -128,3 +128,30 @@ def test_engine_on_the_same_command(fmnist_teacher_ckpt, tmp_path):
     summary = json.loads((tmp_path / "w4a4.build.json").read_text())["anatomy"]["summary"]
     assert summary["float_gemms"] == 0 and summary["unmatched"] == 0 and summary["int8_gemms"] >= 14
     assert "anatomy:" in r.stdout
+
+
+def test_per_block_weight_steps_to_an_int4_engine(fmnist_teacher_ckpt, tmp_path):
+    """--w-block 64: per-block weight steps, refused before any work unless the export is INT4 in the same blocks;
+    then the checkpoint, the INT4 graph (each block its own step) and the TensorRT-RTX plan as one set."""
+    from onnx import numpy_helper
+
+    base = ["--weights", fmnist_teacher_ckpt, "--w-bits", 4, "--a-bits", 8, "--w-block", 64, "--calib",
+            "fashion-mnist", "--out", tmp_path / "blocks.pt"]
+    refused = run("qvit_quantize", *base, "--onnx", tmp_path / "blocks.onnx")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "error: --w-block 64 weights deploy only as INT4 blocks of 64: add --precision int4 (or int4-weight-only) "
+        "--int4-block 64, or drop --w-block")
+    assert list(tmp_path.iterdir()) == []
+    r = run("qvit_quantize", *base, "--precision", "int4", "--engine", tmp_path / "blocks.plan", *RTX,
+            "--parity-images", 500)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_checkpoint(tmp_path / "blocks.pt")["quant"]["w_block"] == 64
+    graph = onnx.load(str(tmp_path / "blocks.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.graph.initializer}
+    blocked = [n for n in graph.graph.node if n.op_type == "DequantizeLinear"
+               and any(a.name == "block_size" for a in n.attribute)]
+    assert len(blocked) == 8 and all(not (inits[n.input[1]] == inits[n.input[1]][:1]).all() for n in blocked)
+    parity = json.loads((tmp_path / "blocks.parity.json").read_text())
+    assert parity["images"] == 500 and parity["weights_identical"] and parity["top1_agreement"] >= 99.8
+    summary = json.loads((tmp_path / "blocks.build.json").read_text())["anatomy"]["summary"]
+    assert summary["float_gemms"] == 0 and summary["unmatched"] == 0

@@ -75,6 +75,9 @@ def test_a_recipe_is_a_frozen_dataclass_holding_a_quant_config():
         load_recipe(None, {"teacher": "t.pt"}).to_dict(), sort_keys=False)
     with pytest.raises(QvitError, match="lr='fast' must be a finite number"):
         recipe.overridden({"lr": "fast"})
+    assert flat["w_block"] is None and recipe.overridden({"w_block": 64}).quant.w_block == 64
+    with pytest.raises(QvitError, match="w_block=96 is not an INT4 block size"):
+        recipe.overridden({"w_block": 96})
 
 
 def test_qat_steps_lower_the_loss(teacher_ckpt, tmp_path, figures):
