@@ -114,8 +114,10 @@ def model_size_bits(model: nn.Module, rows: list[LayerCount], cfg: QuantConfig |
     quantized = 0
     for r in rows:
         if r.weight_params and r.w_bits is not None:
-            out_channels = model.get_submodule(r.name).weight.shape[0]
-            quantized += r.weight_params * (32 - r.w_bits) - 32 * out_channels  # codes instead of floats, + scales
+            layer = model.get_submodule(r.name)
+            q = getattr(layer, "weight_quantizer", None)  # its steps: one per channel, or per block
+            scales = q.step.numel() if q is not None else layer.weight.shape[0]
+            quantized += r.weight_params * (32 - r.w_bits) - 32 * scales  # codes instead of floats, + scales
     # One scale per activation quantizer: a layer's input, or both operands of an attention matmul.
     activation_scales = 32 * sum((1 if r.kind in ("linear", "conv") else 2) for r in rows if r.quantized)
     return fp_bits, fp_bits - quantized + activation_scales

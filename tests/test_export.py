@@ -187,6 +187,10 @@ def test_per_block_weight_steps_deploy_as_int4_blocks(fmnist_teacher, fmnist_cal
                          for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
     assert all(q.granularity == PerBlock(1, 64) for n, q in weights.items() if n in per_block)
     assert weights["head.weight_quantizer"].granularity == PerChannel(0)  # an 8-bit edge keeps one step per channel
+    from qvit_export.report import report
+
+    extra_steps = sum(q.step.numel() - q.step.shape[0] for q in weights.values() if q.per_block)
+    assert report(blocked, None).q_bits - report(channel, None).q_bits == 32 * extra_steps  # FP32 scales, counted
     channel_q = dict(quantizers(channel))
     with torch.no_grad():
         for name in per_block:
