@@ -358,8 +358,13 @@ class Recipe:
 
     @classmethod
     def from_mapping(cls, flat: dict) -> "Recipe":
-        """A recipe from its flat mapping (every key of DEFAULTS; ``validate`` checks and normalises it)."""
-        d = validate(copy.deepcopy(flat))
+        """A recipe from its flat mapping: the keys it leaves out at their defaults (DEFAULTS), the name "run" if it
+        has none; ``validate`` checks and normalises every value."""
+        if not isinstance(flat, dict):
+            raise QvitError(f"a recipe is a mapping of keys to values, not {type(flat).__name__}")
+        d = copy.deepcopy(DEFAULTS) | copy.deepcopy(flat)
+        d["name"] = d["name"] or "run"
+        d = validate(d)
         groups = d["quant_groups"]
         quant = QuantConfig(**{field: d[key] for key, field in QUANT_KEYS.items() if key != "quant_groups"},
                             **({"groups": tuple(groups)} if groups else {}))

@@ -76,6 +76,10 @@ def test_a_recipe_is_a_frozen_dataclass_holding_a_quant_config():
     with pytest.raises(QvitError, match="lr='fast' must be a finite number"):
         recipe.overridden({"lr": "fast"})
     assert flat["w_block"] is None and recipe.overridden({"w_block": 64}).quant.w_block == 64
+    assert Recipe.from_mapping({"model": "vit_tiny_patch16_224", "mode": "fp"}) == load_recipe(
+        None, {"model": "vit_tiny_patch16_224", "mode": "fp"})  # what a mapping leaves out is at its default
+    with pytest.raises(QvitError, match="a recipe is a mapping of keys to values, not list"):
+        Recipe.from_mapping(["lr", 1])
     with pytest.raises(QvitError, match="w_block=96 is not an INT4 block size"):
         recipe.overridden({"w_block": 96})
 
