@@ -164,7 +164,7 @@ def measure_balance(probe: Probe, choices: Choices) -> None:
                 torch.manual_seed(0)
                 rows.append(measure(trainer, form=form))
                 r = rows[-1]
-                print(f"DGD balance W{bits}A{bits} irm={irm} {form}: DGD {r.dgd:.2f}, gradient {r['ratio']:.1f}x "
+                print(f"DGD balance W{bits}A{bits} irm={irm} {form}: DGD {r['dgd']:.2f}, gradient {r['ratio']:.1f}x "
                       f"the task's (level weight {1 / r['ratio']:.4f})", flush=True)
     weights = {form: float(f"{statistics.median(1 / r['ratio'] for r in rows if r['form'] == form):.2g}")
                for form in DGD_FORMS}

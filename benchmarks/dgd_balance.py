@@ -75,7 +75,7 @@ def main(argv=None) -> int:
                    help="measure these finished QAT runs where they ended instead (-> dgd_balance_end.{md,json})")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    teacher = args.teacher or load_recipe(args.recipe)["teacher"]
+    teacher = args.teacher or load_recipe(args.recipe).teacher
     if args.runs:
         rows = [measure(trained_student(run)) | {"run": str(run)} for run in args.runs]
     else:

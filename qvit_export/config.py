@@ -46,7 +46,8 @@ def check_bits(name: str, bits) -> int:
 class QuantConfig:
     """What to quantize and how.
 
-    Weights: symmetric, one LSQ step per output channel. Activations: symmetric, one step per tensor,
+    Weights: symmetric, one LSQ step per output channel (or per block of inputs: ``w_block``). Activations:
+    symmetric, one step per tensor,
     zero point 0, signed or unsigned as calibration finds. Layers whose module name starts with an
     entry of ``keep_8bit`` use ``edge_bits``; None (the default) means the model family's edge layers
     (``Family.edge_layers``: the patch embedding and classifier heads, as in the paper), which ``quantize`` writes
@@ -79,9 +80,13 @@ class QuantConfig:
         # A list from YAML or JSON is accepted (one name as a string too); a tuple keeps the config hashable.
         if self.keep_8bit is not None:
             object.__setattr__(self, "keep_8bit", self._edge_names(self.keep_8bit))
-        if self.w_block is not None and (isinstance(self.w_block, bool) or self.w_block not in INT4_BLOCKS):
-            raise QvitError(f"w_block={shown(self.w_block)} is not an INT4 block size TensorRT documents: choose "
-                            f"{' or '.join(map(str, INT4_BLOCKS))}, or null for one weight step per channel")
+        if self.w_block is not None:
+            if type(self.w_block) is not int or self.w_block not in INT4_BLOCKS:
+                raise QvitError(f"w_block={shown(self.w_block)} is not an INT4 block size TensorRT documents: choose "
+                                f"{' or '.join(map(str, INT4_BLOCKS))}, or null for one weight step per channel")
+            if self.w_bits > 4:
+                raise QvitError(f"w_block={self.w_block} is for INT4 weights but w_bits={self.w_bits}: lower w_bits to "
+                                "4 or less, or set w_block null")
         groups = (self.groups,) if isinstance(self.groups, str) else self.groups
         try:
             groups = tuple(groups)

@@ -316,7 +316,8 @@ class Augment:
 class Recipe:
     """One training run's settings, validated and typed. Built by ``load_recipe`` (a file and overrides) or
     ``Recipe.from_mapping`` (a flat mapping, e.g. a saved run's); the defaults and what each key means are in
-    DEFAULTS, the file format. ``quant`` holds w_bits, a_bits, edge_bits, irm, calibration and quant_groups."""
+    DEFAULTS, the file format. ``quant`` holds w_bits, a_bits, edge_bits, irm, calibration, quant_groups (as
+    ``groups``) and w_block."""
     name: str
     mode: str
     model: str | None
@@ -361,7 +362,8 @@ class Recipe:
         """A recipe from its flat mapping: the keys it leaves out at their defaults (DEFAULTS), the name "run" if it
         has none; ``validate`` checks and normalises every value."""
         if not isinstance(flat, dict):
-            raise QvitError(f"a recipe is a mapping of keys to values, not {type(flat).__name__}")
+            raise QvitError(f"a recipe is a mapping of keys to values, not {type(flat).__name__}: write it as "
+                            "key: value lines")
         d = copy.deepcopy(DEFAULTS) | copy.deepcopy(flat)
         d["name"] = d["name"] or "run"
         d = validate(d)
@@ -392,8 +394,12 @@ class Recipe:
         return cls.from_mapping(with_defaults(saved))
 
     def trains_as(self, saved: dict) -> bool:
-        """Whether a run saved with ``saved`` trained this very recipe (keys added since at their defaults)."""
-        return with_defaults(saved) == self.to_dict()
+        """Whether a run saved with ``saved`` trained this very recipe (keys added since at their defaults). An FP
+        run has no IRM: its ``irm`` is not compared, so a later DEFAULT_IRM leaves saved teachers valid."""
+        then, now = with_defaults(saved), self.to_dict()
+        if self.mode == "fp":
+            then.pop("irm"), now.pop("irm")
+        return then == now
 
     def overridden(self, overrides: dict) -> "Recipe":
         """This recipe with flat overrides (``key`` or ``augment.key``, as ``--set`` gives them), validated."""

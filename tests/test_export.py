@@ -227,8 +227,11 @@ def test_per_block_weight_steps_deploy_as_int4_blocks(fmnist_teacher, fmnist_cal
         with pytest.raises(QvitError, match="only INT4 weights in blocks of 64 hold: export with --precision int4"):
             export_onnx(blocked, tmp_path / "refused.onnx", options)
     assert not (tmp_path / "refused.onnx").exists()
-    with pytest.raises(QvitError, match="w_block=96 is not an INT4 block size"):
-        QuantConfig(w_block=96)
+    for bad in (96, 64.0, True):
+        with pytest.raises(QvitError, match=f"w_block={bad} is not an INT4 block size"):
+            QuantConfig(w_block=bad)
+    with pytest.raises(QvitError, match="w_block=64 is for INT4 weights but w_bits=8: lower w_bits"):
+        QuantConfig(8, 8, w_block=64)
 
 
 def test_int4_block_128_keeps_narrow_layers_int8(fmnist_exports):

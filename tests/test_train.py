@@ -137,6 +137,8 @@ def test_steps_and_irm_have_their_own_learning_rates(fmnist_teacher):
     # an FP run has no IRM: one saved with irm: true (as FP runs were) is today's FP recipe
     fp = load_recipe("demo_fp")
     assert fp.trains_as(fp.to_dict() | {"irm": True}) and fp.quant.irm == DEFAULT_IRM
+    assert fp.trains_as(fp.to_dict() | {"irm": "token"})  # whatever the default becomes: a teacher stays valid
+    assert not recipe.trains_as(recipe.to_dict() | {"irm": "token"})  # a student's IRM is its training
 
 
 def test_autocast_path(teacher_ckpt, tmp_path):
