@@ -59,13 +59,12 @@ def step_percentile(x: torch.Tensor, qmax: int, dim: int | None = None) -> torch
 
 def choose_step(method: str, x: torch.Tensor, q: LSQQuantizer, max_abs=None) -> torch.Tensor:
     """One step per row of ``x`` for a weight quantizer (a row per channel, or per block), per tensor otherwise."""
-    rows = q.per_channel or q.per_block
-    dim = 1 if rows else None
+    dim = None if q.per_tensor else 1
     if method == "lsq":
         return step_lsq(x, q.qmax, dim)
     if method == "percentile":
         return step_percentile(x, q.qmax, dim)
-    return step_mse(x, q.qmin, q.qmax, None if rows else max_abs)
+    return step_mse(x, q.qmin, q.qmax, max_abs if q.per_tensor else None)
 
 
 # ---- statistics ------------------------------------------------------------------------------------

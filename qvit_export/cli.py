@@ -144,7 +144,9 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
                         "as INT4 blocks, activations INT8 (TensorRT-RTX converts the weights to INT8 on every "
                         "inference); int4-weight-only: INT4 weight blocks, activations in --dtype (TensorRT's INT4 path, "
                         "the smallest engine)")
-    g.add_argument("--int4-block", type=int, choices=(64, 128), default=64,
+    from .config import INT4_BLOCKS
+
+    g.add_argument("--int4-block", type=int, choices=INT4_BLOCKS, default=64,
                    help="INT4 block size along K (default 64: covers the most of DeiT/Swin; layers whose K is no "
                         "multiple stay INT8)")
     g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the non-quantized ops")

@@ -129,6 +129,10 @@ class LSQQuantizer(nn.Module):
     def per_block(self) -> bool:
         return isinstance(self.granularity, PerBlock)
 
+    @property
+    def per_tensor(self) -> bool:
+        return isinstance(self.granularity, PerTensor)
+
     def _broadcast(self, step: torch.Tensor) -> torch.Tensor:
         """The step in a shape that broadcasts over the quantized tensor (per block: repeated along its blocks)."""
         return step.repeat_interleave(self.granularity.size, dim=1) if self.per_block else step
@@ -144,6 +148,17 @@ class LSQQuantizer(nn.Module):
     def scale(self) -> torch.Tensor:
         """The step the exporter writes as the QuantizeLinear/DequantizeLinear scale."""
         return self.step.detach().clamp_min(torch.finfo(self.step.dtype).tiny)
+
+    def block_scale(self, in_features: int, block: int) -> torch.Tensor:
+        """A Linear weight quantizer's steps as INT4 blocks of ``block`` inputs store them, [in / block, out]: its
+        own step per block, or each channel's step repeated in every block (the same dequantized values)."""
+        step = self.scale()
+        if not self.per_block:
+            return step.reshape(1, -1).repeat(in_features // block, 1)
+        if self.granularity.size != block:
+            raise QvitError(f"quantizer '{self.name}' has blocks of {self.granularity.size}, not {block}: export "
+                            f"with --int4-block {self.granularity.size}")
+        return step.t().contiguous()
 
     def int_codes(self, x: torch.Tensor) -> torch.Tensor:
         """The integer codes of ``x`` (int32): what an INT8/INT4 tensor in the deployed graph holds."""
@@ -163,7 +178,7 @@ class LSQQuantizer(nn.Module):
         if not self.initialized:
             raise QvitError(f"quantizer '{self.name}' has no step yet: run qvit_export.calibrate(model, batches) first")
         # N: elements that share one step (per sample for activations, per channel or block for weights).
-        n = x.numel() / (x.shape[0] if isinstance(self.granularity, PerTensor) else self.step.numel())
+        n = x.numel() / (x.shape[0] if self.per_tensor else self.step.numel())
         s = _scale_grad(self.step.clamp_min(torch.finfo(self.step.dtype).tiny), 1.0 / math.sqrt(n * self.qmax))
         s = self._broadcast(s)
         # Codes in float32 even under autocast: bfloat16 cannot tell x/s = 126.6 from 126.5.

@@ -173,8 +173,9 @@ class _ExportWeightLayer(nn.Module):
 
     A per-block weight quantizer (QuantConfig.w_block) keeps its steps as ``weight_block_scale`` ([in / block,
     out], the stored layout), with which the module computes; the traced graph holds the layer as per-channel INT8
-    (each channel's largest block step as its scale) until onnx_graph._to_int4 writes the codes as INT4 blocks with
-    these steps, which every per-block export does (_check_deployable)."""
+    (each channel's largest block step standing in as its scale) until onnx_graph._to_int4 writes every INT4 layer's
+    codes with its quantizer's block scales (LSQQuantizer.block_scale), which every per-block export does
+    (_check_deployable)."""
 
     axis = 0
 

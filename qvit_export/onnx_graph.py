@@ -153,15 +153,14 @@ def _prune_initializers(model) -> None:
     model.graph.initializer.extend(keep)
 
 
-def _to_int4(model, layers: list[str], block: int, block_steps: dict | None = None) -> None:
-    """INT8 weight codes of the MatMul ``layers`` → INT4 initializers, block quantized along K (axis 0 of the
-    stored [K, N] weight) with ``block`` rows per scale. Each block's scale is the layer's own step for that block
-    where its quantizer has one per block (``block_steps``: {layer: [K / block, N]}), else the channel's step
-    repeated; either way every dequantized value is the one PyTorch computes."""
+def _to_int4(model, scales: dict, block: int) -> None:
+    """INT8 weight codes of the MatMul layers named in ``scales`` → INT4 initializers, block quantized along K (axis
+    0 of the stored [K, N] weight) with ``block`` rows per scale; ``scales``: {layer: [K / block, N]}, what its
+    quantizer gives (LSQQuantizer.block_scale), so every dequantized value is the one PyTorch computes."""
     import onnx
     from onnx import helper, numpy_helper
 
-    wanted = {f"{layer}.weight_quantizer" for layer in layers}
+    wanted = {f"{layer}.weight_quantizer" for layer in scales}
     inits = {i.name: i for i in model.graph.initializer}
     users = _users(model)
     done = set()
@@ -174,12 +173,7 @@ def _to_int4(model, layers: list[str], block: int, block_steps: dict | None = No
         layer = owner[: -len(".weight_quantizer")]
         codes = numpy_helper.to_array(inits[node.input[0]])
         k, n = codes.shape
-        channel = numpy_helper.to_array(inits[node.input[1]])
-        own = (block_steps or {}).get(layer)
-        if own is not None and own.shape != (k // block, n):
-            raise QvitError(f"layer '{layer}' has {own.shape[0]} weight blocks per channel, not {k // block}: export "
-                            f"with the --int4-block it was quantized with")
-        scale = own.astype(channel.dtype) if own is not None else np.repeat(channel.reshape(1, n), k // block, axis=0)
+        scale = scales[layer].astype(numpy_helper.to_array(inits[node.input[1]]).dtype)  # the graph's scale dtype
         # Fresh initializers: the INT8 ones may be shared with other nodes after onnxsim (pruned below if not).
         for index, suffix, tensor in (
                 (0, "codes", helper.make_tensor("", onnx.TensorProto.INT4, [k, n], codes.flatten().tolist())),
@@ -328,9 +322,9 @@ def finalize(model, torch_model, options, opset: int, metadata: dict, int4: list
 
     cfg = getattr(torch_model, "qvit_config", None)
     if options.int4:
-        steps = {layer: q.scale().t().contiguous().numpy() for layer in int4
-                 if (q := torch_model.get_submodule(layer).weight_quantizer).per_block}
-        _to_int4(model, list(int4), options.int4_block, steps)
+        layers = {name: torch_model.get_submodule(name) for name in int4}
+        _to_int4(model, {name: m.weight_quantizer.block_scale(m.in_features, options.int4_block).numpy()
+                         for name, m in layers.items()}, options.int4_block)
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset

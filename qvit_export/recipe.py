@@ -184,14 +184,14 @@ def load_recipe(spec: str | None, overrides: dict | None = None) -> "Recipe":
 def with_defaults(saved: dict) -> dict:
     """A recipe as a run saved it (the flat mapping), with the keys added since at their defaults: the same
     training, so a run saved before a key existed is still the run of today's recipe. A QAT run saved with
-    ``irm: true`` (before runs named their variant) trained SAVED_TRUE_IRM, whatever DEFAULT_IRM is now; an FP run
-    has no IRM, and its ``irm: true`` reads as ``Recipe`` writes it today (DEFAULT_IRM); one saved before
+    ``irm: true`` (before runs named their variant) trained SAVED_TRUE_IRM, whatever DEFAULT_IRM is now (an FP run
+    has no IRM: ``Recipe.trains_as`` does not compare it); one saved before
     ``dgd_form`` existed trained SAVED_DGD_FORM, whatever the default form is now."""
     if not isinstance(saved, dict):
         raise QvitError("the saved recipe is not a mapping of keys to values: the checkpoint is damaged")
     recipe = copy.deepcopy(DEFAULTS) | copy.deepcopy(saved)
-    if recipe["irm"] is True:
-        recipe["irm"] = SAVED_TRUE_IRM if recipe["mode"] == "qat" else DEFAULT_IRM
+    if recipe["mode"] == "qat" and recipe["irm"] is True:
+        recipe["irm"] = SAVED_TRUE_IRM
     if "dgd_form" not in saved:
         recipe["dgd_form"] = SAVED_DGD_FORM
     return recipe
