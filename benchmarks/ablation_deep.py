@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bottleneck  # noqa: E402
+from ledger import digest  # noqa: E402
 from qat_queue import Job, Probe, run_row, student_job, teacher_job, work  # noqa: E402
 
 from qvit_export.atomic import write_text  # noqa: E402
@@ -85,8 +86,8 @@ class Choices:
 
     def __init__(self, probe: Probe):
         self.probe = probe
-        self.path = probe.workdir / "choices.json"
-        self.balance_path = probe.workdir / "dgd_balance.json"
+        self.path = probe.keep("choices.json")
+        self.balance_path = probe.keep("dgd_balance.json")
 
     def _saved(self) -> dict:
         return json.loads(self.path.read_text()) if self.path.is_file() else {}
@@ -95,7 +96,7 @@ class Choices:
         if not self.balance_path.is_file():
             return None
         data = json.loads(self.balance_path.read_text())
-        return data if data.get("teacher") == str(self.probe.teacher) else None
+        return data if data.get("teacher") == digest(self.probe.teacher) else None
 
     def weight(self, form: str) -> float | None:
         data = self.balance()
@@ -168,7 +169,7 @@ def measure_balance(probe: Probe, choices: Choices) -> None:
                       f"the task's (level weight {1 / r['ratio']:.4f})", flush=True)
     weights = {form: float(f"{statistics.median(1 / r['ratio'] for r in rows if r['form'] == form):.2g}")
                for form in DGD_FORMS}
-    write_text(choices.balance_path, json.dumps({"teacher": str(probe.teacher), "weights": weights, "rows": rows},
+    write_text(choices.balance_path, json.dumps({"teacher": digest(probe.teacher), "weights": weights, "rows": rows},
                                                 indent=2))
 
 
@@ -180,7 +181,7 @@ def all_jobs(probes: dict[str, Probe], args) -> list[Job]:
     progress = not args.no_progress
     jobs = [teacher_job(deep, progress), teacher_job(probes["probe"], progress)]
     for probe in probes.values():  # the PTQ rows of the bottleneck tables as soon as the teacher is final (minutes)
-        cache = probe.workdir / f"ptq_bottleneck_{probe.name}.json"
+        cache = probe.keep(f"ptq_bottleneck_{probe.name}.json")
         jobs.append(Job(name=f"{probe.name}/ptq_bottleneck", tier=-1, kind="measure", ready=probe.teacher_done,
                         done=lambda p=probe, c=cache: bottleneck.ptq_table(p.teacher, c, compute=False) is not None,
                         run=lambda p=probe, c=cache: bottleneck.ptq_table(p.teacher, c)))

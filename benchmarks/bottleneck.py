@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from ledger import LEDGER, digest  # noqa: E402
 from qat_queue import Probe, run_row, student_job  # noqa: E402
 
 from qvit_export.atomic import write_text  # noqa: E402
@@ -87,7 +88,7 @@ def ptq_table(teacher: Path, cache: Path, compute: bool = True) -> dict | None:
 
     if not teacher.is_file():
         return None
-    key = {"teacher": str(teacher), "teacher_top1": read_checkpoint(teacher)["metrics"]["top1"]}
+    key = {"teacher": digest(teacher), "teacher_top1": read_checkpoint(teacher)["metrics"]["top1"]}
     if cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("key") == key:
@@ -167,7 +168,8 @@ def write_report(args, probes: dict[str, Probe], compute_ptq: bool) -> str:
     for key, title, teacher, probe, qat_bits in plan:
         if teacher is None:
             continue
-        cache = (probe.workdir if probe else Path(args.workdir_root)) / f"ptq_bottleneck_{key}.json"
+        cache_name = f"ptq_bottleneck_{key}.json"
+        cache = probe.keep(cache_name) if probe else Path(args.workdir_root) / cache_name
         finished = probe is None or probe.teacher_done()  # a teacher still training has a best.pt already
         ptq = ptq_table(teacher, cache, compute_ptq and finished) if finished else None
         text, section = probe_section(title, ptq, probe, qat_bits)
@@ -185,13 +187,19 @@ def write_report(args, probes: dict[str, Probe], compute_ptq: bool) -> str:
 
 
 def probes_from(args) -> dict[str, Probe]:
-    return {"deep": Probe("deep", "probe_deep_fp", "probe_deep_qat", Path(args.workdir_root) / "deep"),
-            "probe": Probe("probe", "probe_fp", "probe_qat", Path(args.workdir_root) / "probe")}
+    def ledger(name: str) -> Path | None:
+        return None if args.ledger == "none" else Path(args.ledger) / name
+
+    return {"deep": Probe("deep", "probe_deep_fp", "probe_deep_qat", Path(args.workdir_root) / "deep", ledger("deep")),
+            "probe": Probe("probe", "probe_fp", "probe_qat", Path(args.workdir_root) / "probe", ledger("probe"))}
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir-root", default="runs",
                    help="where the probes' runs live: <root>/deep (deep probe), <root>/probe (2-block probe)")
+    p.add_argument("--ledger", default=str(LEDGER),
+                   help="where finished teachers, students and measurements are kept across machines "
+                        "(benchmarks/ledger.py; commit it); 'none' keeps only the run folders")
     p.add_argument("--demo-teacher", help="the demo teacher's best.pt (models/demo_fp.yaml), for its PTQ rows")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the results tables")
 

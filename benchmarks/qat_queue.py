@@ -15,11 +15,15 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ledger import Ledger  # noqa: E402
 
 from qvit_export.atomic import write_text  # noqa: E402
 from qvit_export.errors import QvitError  # noqa: E402
@@ -31,31 +35,60 @@ DIAGNOSTIC_IMAGES = 1000  # test images the attention diagnostics of each final 
 
 @dataclass(frozen=True)
 class Probe:
-    """A teacher recipe, the recipe its students share, and where its runs live."""
+    """A teacher recipe, the recipe its students share, where its runs live and where what they leave is kept
+    (``ledger``: a folder of benchmarks/ledger.py's, or None to keep nothing beyond the run folders)."""
     name: str
     teacher_recipe: str
     student_recipe: str
     workdir: Path
+    ledger_dir: Path | None = None
+
+    @cached_property
+    def ledger(self) -> Ledger | None:
+        return None if self.ledger_dir is None else Ledger(self.ledger_dir)
+
+    @cached_property
+    def fp_recipe(self) -> Recipe:
+        return load_recipe(self.teacher_recipe)
 
     @property
     def teacher_dir(self) -> Path:
         return self.workdir / "fp"
 
+    def _kept_teacher(self) -> dict | None:
+        return None if self.ledger is None else self.ledger.teacher(self.fp_recipe)
+
     @property
     def teacher(self) -> Path:
-        return self.teacher_dir / "best.pt"
+        """The kept teacher once there is one, else the teacher run's best.pt (which may still be training)."""
+        return self.ledger.teacher_path if self._kept_teacher() is not None else self.teacher_dir / "best.pt"
 
     def teacher_done(self) -> bool:
-        return finished_run(self.teacher_dir, load_recipe(self.teacher_recipe)) is not None
+        """Whether the teacher is final: kept in the ledger, or its run finished (then it is kept now, before any
+        student names it)."""
+        if self._kept_teacher() is not None:
+            return True
+        state = saved_run(self.teacher_dir, self.fp_recipe)
+        if finished_run(self.teacher_dir, self.fp_recipe, state) is None:
+            return False
+        if self.ledger is not None:
+            self.ledger.publish_teacher(self.teacher_dir, self.fp_recipe, state)
+        return True
 
     def fp(self) -> dict:
         """The teacher's top-1 (its best epoch, on the 10,000 test images) and training time."""
+        kept = self._kept_teacher()
+        if kept is not None:
+            return {k: kept[k] for k in ("top1", "epochs", "best_epoch", "train_minutes")}
         from qvit_export.checkpoint import read_checkpoint
 
-        recipe = load_recipe(self.teacher_recipe)
         best = read_checkpoint(self.teacher)
-        return {"top1": best["metrics"]["top1"], "epochs": recipe.epochs, "best_epoch": best["extra"]["epoch"],
-                "train_minutes": training_seconds(saved_run(self.teacher_dir, recipe)) / 60}
+        return {"top1": best["metrics"]["top1"], "epochs": self.fp_recipe.epochs, "best_epoch": best["extra"]["epoch"],
+                "train_minutes": training_seconds(saved_run(self.teacher_dir, self.fp_recipe)) / 60}
+
+    def keep(self, name: str) -> Path:
+        """Where a measurement the queue waits for is kept: the ledger when there is one, else the run folder."""
+        return self.ledger.file(name) if self.ledger is not None else self.workdir / name
 
 
 _STATES: dict[tuple, dict | None] = {}
@@ -115,8 +148,18 @@ def student_state(probe: Probe, name: str, overrides: dict) -> tuple[Recipe, dic
 def run_row(probe: Probe, name: str, overrides: dict) -> dict | None:
     """A finished student's figures (None while unfinished): top-1 on the test images at the calibrated start
     (epoch 0) and after the last epoch (not the best: no choosing on the test set), its curve, its training
-    time, and the attention diagnostics of its final model when they exist."""
+    time, and the attention diagnostics of its final model when they exist. From the ledger when it keeps the
+    run, else from the run folder."""
     recipe, state = student_state(probe, name, overrides)
+    if probe.ledger is not None and probe.teacher_done():
+        kept = probe.ledger.student(name, recipe, probe.teacher)
+        if kept is not None:
+            return kept
+    return folder_row(probe, name, recipe, state)
+
+
+def folder_row(probe: Probe, name: str, recipe: Recipe, state: dict | None) -> dict | None:
+    """run_row from the run folder alone."""
     out = probe.workdir / name
     if state is None or finished_run(out, recipe, state) is None:
         return None
@@ -162,12 +205,21 @@ def student_job(probe: Probe, name: str, tier: int, overrides: Callable[[], dict
     """A QAT student of ``probe``: trained (or reused, or continued), then diagnosed. ``overrides`` returns its
     recipe overrides, or None while they cannot be known yet (a choice that waits for other runs)."""
     def done() -> bool:
+        """Kept in the ledger with its diagnostics, or finished and diagnosed in its folder (then kept now)."""
         o = overrides()
-        if o is None:
+        if o is None or not probe.teacher_done():
             return False
         recipe, state = student_state(probe, name, o)
-        out = probe.workdir / name
-        return finished_run(out, recipe, state) is not None and read_diagnostics(out) is not None
+        if probe.ledger is not None:
+            kept = probe.ledger.student(name, recipe, probe.teacher)
+            if kept is not None and "attention" in kept:
+                return True
+        row = folder_row(probe, name, recipe, state)
+        if row is None or "attention" not in row:
+            return False
+        if probe.ledger is not None:
+            probe.ledger.publish_student(name, recipe, probe.teacher, row)
+        return True
 
     def run() -> None:
         recipe = student_recipe(probe, name, overrides())
@@ -175,6 +227,7 @@ def student_job(probe: Probe, name: str, tier: int, overrides: Callable[[], dict
         train_or_reuse(recipe, out, progress=progress)
         if read_diagnostics(out) is None:
             diagnose(probe, out)
+        done()  # keeps it in the ledger
 
     def seconds() -> float:
         o = overrides()
@@ -185,8 +238,11 @@ def student_job(probe: Probe, name: str, tier: int, overrides: Callable[[], dict
 
 
 def teacher_job(probe: Probe, progress: bool = False) -> Job:
-    return Job(name=f"{probe.name}/fp", tier=-1, kind="teacher", done=probe.teacher_done,
-               run=lambda: train_or_reuse(load_recipe(probe.teacher_recipe), probe.teacher_dir, progress=progress))
+    def run() -> None:
+        train_or_reuse(probe.fp_recipe, probe.teacher_dir, progress=progress)
+        probe.teacher_done()  # keeps it in the ledger
+
+    return Job(name=f"{probe.name}/fp", tier=-1, kind="teacher", done=probe.teacher_done, run=run)
 
 
 # ---- claims -------------------------------------------------------------------------------------------
