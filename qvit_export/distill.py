@@ -55,9 +55,10 @@ class QKTap:
 def _normalised(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """``x`` divided by its ℓ2 norm over ``dims``; where that norm is 0 (a row or matrix quantized to all zeros,
     common at 2 bits) the result is 0 and passes no gradient. (F.normalize would divide by its eps there and send
-    1e12-sized gradients into the model.)"""
+    1e12-sized gradients into the model.) The mask multiplies, by exactly 1 or 0: torch.where with a broadcast
+    condition and a tensor of zeros took a quarter of a DGD student's step on the CPU (measured on the deep probe)."""
     norm = x.norm(dim=dims, keepdim=True)
-    return torch.where(norm > 0, x / norm.clamp_min(1e-12), torch.zeros_like(x))
+    return x / norm.clamp_min(1e-12) * (norm > 0)
 
 
 def similarity(x: torch.Tensor, form: str = "cosine") -> torch.Tensor:
