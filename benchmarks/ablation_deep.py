@@ -12,8 +12,8 @@ The queue (benchmarks/qat_queue.py) also holds the bottleneck analysis's QAT run
 both teachers; every worker rewrites both reports after each job. Runs live in <workdir-root>/deep/<student>/ (the
 2-block probe's in <workdir-root>/probe/); a finished run is reused, an interrupted one continues exactly, so
 workers can be stopped and started again until the tables are whole. Order: the comparisons that decide most
-first (LSQ and IRM head, both seeds), then the components (IRM token, each DGD form) and the bottleneck runs,
-then IRM + DGD with the best of each (chosen once both seeds of its candidates are finished, then kept), then the
+first (LSQ and IRM head, both seeds), then the components (IRM token, each DGD form) and the deep bottleneck
+runs, then the 2-block probe's teacher and its bottleneck runs, then IRM + DGD with the best of each (chosen once both seeds of its candidates are finished, then kept), then the
 paper's configuration, then the weight-1 runs.
 
 The figures: top-1 on the 10,000 test images after the last epoch (no choosing the best epoch on the test set),
@@ -179,7 +179,8 @@ def all_jobs(probes: dict[str, Probe], args) -> list[Job]:
     deep = probes["deep"]
     choices = Choices(deep)
     progress = not args.no_progress
-    jobs = [teacher_job(deep, progress), teacher_job(probes["probe"], progress)]
+    # the 2-block probe's teacher (only its W2A2 bottleneck runs need it) after the deep probe's first students
+    jobs = [teacher_job(deep, progress), teacher_job(probes["probe"], progress, tier=12)]
     for probe in probes.values():  # the PTQ rows of the bottleneck tables as soon as the teacher is final (minutes)
         cache = probe.keep(f"ptq_bottleneck_{probe.name}.json")
         jobs.append(Job(name=f"{probe.name}/ptq_bottleneck", tier=-1, kind="measure", ready=probe.teacher_done,

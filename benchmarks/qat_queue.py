@@ -237,12 +237,12 @@ def student_job(probe: Probe, name: str, tier: int, overrides: Callable[[], dict
                ready=lambda: probe.teacher_done() and extra_ready() and overrides() is not None)
 
 
-def teacher_job(probe: Probe, progress: bool = False) -> Job:
+def teacher_job(probe: Probe, progress: bool = False, tier: int = -1) -> Job:
     def run() -> None:
         train_or_reuse(probe.fp_recipe, probe.teacher_dir, progress=progress)
         probe.teacher_done()  # keeps it in the ledger
 
-    return Job(name=f"{probe.name}/fp", tier=-1, kind="teacher", done=probe.teacher_done, run=run)
+    return Job(name=f"{probe.name}/fp", tier=tier, kind="teacher", done=probe.teacher_done, run=run)
 
 
 # ---- claims -------------------------------------------------------------------------------------------
