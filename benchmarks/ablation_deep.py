@@ -13,8 +13,9 @@ both teachers; every worker rewrites both reports after each job. Runs live in <
 2-block probe's in <workdir-root>/probe/); a finished run is reused, an interrupted one continues exactly, so
 workers can be stopped and started again until the tables are whole. Order: the comparisons that decide most
 first (LSQ and IRM head, both seeds), then the components (IRM token, each DGD form) and the deep bottleneck
-runs, then the 2-block probe's teacher and its bottleneck runs, then IRM + DGD with the best of each (chosen once both seeds of its candidates are finished, then kept), then the
-paper's configuration, then the weight-1 runs.
+runs, then the 2-block probe's teacher and its bottleneck runs, then IRM + DGD with the best of each (chosen
+once both seeds of its candidates are finished, then kept), then the paper's configuration, then the weight-1
+runs. What finishes is kept in benchmarks/results/ledger/ (benchmarks/ledger.py), to be committed.
 
 The figures: top-1 on the 10,000 test images after the last epoch (no choosing the best epoch on the test set),
 mean of the seeds; diagnostics on the first 1,000 test images, mean over the blocks and seeds.

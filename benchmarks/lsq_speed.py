@@ -136,10 +136,15 @@ def main(argv=None) -> int:
              "tensor for activations, per channel for the weight; both forms checked equal first: forward bit for "
              "bit, gradients to float32 rounding):", "",
              "| tensor | composed autograd ops ms | one autograd Function ms | speed-up |", "|---|---|---|---|"]
-    lines += [f"| {r['tensor']} | {r['composed_ms']:.2f} | {r['function_ms']:.2f} | {r['speedup']:.2f}x |" for r in rows]
+    lines += [f"| {r['tensor']} | {r['composed_ms']:.2f} | {r['function_ms']:.2f} | {r['speedup']:.2f}x |"
+              for r in rows]
+    shapes = json.loads((ROOT / "benchmarks" / "results" / "probe_shapes.json").read_text())
+    before = next(r for r in shapes["rows"] if r["kwargs"]["depth"] == 6 and r["kwargs"]["embed_dim"] == 128
+                  and r["kwargs"]["num_heads"] == 2)
     lines += ["", f"A whole QAT step of the deep probe's W2A2 student (qvit-train's Trainer, batches of 128, median of "
-              f"{args.steps} steps after 3 warm-up steps; benchmarks/results/probe_shapes.md measured 75 img/s for the "
-              "IRM head + DGD student with the composed form on 2026-12-03, on a shared machine):", "",
+              f"{args.steps} steps after 3 warm-up steps; benchmarks/results/probe_shapes.md measured "
+              f"{before['qat_img_s']:.0f} img/s for the IRM head + DGD student with the composed form on "
+              f"{shapes['date']}, on a shared machine):", "",
               "| student | img/s | min per epoch of 60,000 |", "|---|---|---|"]
     lines += [f"| {k} | {v:.1f} | {60000 / v / 60:.1f} |" for k, v in students.items()]
     out = Path(args.out)

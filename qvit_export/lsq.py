@@ -28,18 +28,16 @@ def _scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
 
 
 class _FakeQuant(torch.autograd.Function):
-    """clamp(round(x / s), qmin, qmax) * s with LSQ's gradients, in float32; ``s`` broadcasts over ``x`` (after
-    ``block`` repeats along dim 1, for per-block steps). The same maths as composing autograd ops (round with a
-    straight-through gradient, clamp, the product) and the same forward bit for bit, in fewer passes over ``x``:
-    forward 5 (divide, clamp, compare, round, multiply) and backward 5 (two products with the mask, subtract,
-    multiply, reduce) against 6 and about 12 composed. Measured with torch.profiler on the deep probe's W2A2
-    student (one core): the quantizers' elementwise work was about 40% of a QAT step. ``dx`` is the upstream
-    gradient where ``x / s`` is inside the range (exactly; the composed form rounds ``(g * s) / s``), ``ds`` sums
-    ``g * (round(v) - v)`` inside and ``g * qmin`` or ``g * qmax`` outside over the elements that share each step."""
+    """clamp(round(x / s), qmin, qmax) * s with LSQ's gradients, in float32; ``s`` broadcasts over ``x``. The same
+    maths as composing autograd ops (round with a straight-through gradient, clamp, the product) and the same
+    forward bit for bit, in fewer passes over ``x``: backward 5 (two products with the mask, subtract, multiply,
+    reduce) against about 12 composed. Measured with torch.profiler on the deep probe's W2A2 student (one core):
+    the quantizers' elementwise work was about 40% of a QAT step. ``dx`` is the upstream gradient where ``x / s``
+    is inside the range (exactly; the composed form rounds ``(g * s) / s``), ``ds`` sums ``g * (round(v) - v)``
+    inside and ``g * qmin`` or ``g * qmax`` outside over the elements that share each step."""
 
     @staticmethod
-    def forward(ctx, x, step, qmin: int, qmax: int, block: int):
-        s = step.repeat_interleave(block, dim=1) if block else step
+    def forward(ctx, x, s, qmin: int, qmax: int):
         v = x / s
         c = v.clamp(qmin, qmax)
         # 1 where clamp left v alone, else 0 (NaN compares unequal: outside, as clamp's own gradient has it); a float
@@ -47,21 +45,17 @@ class _FakeQuant(torch.autograd.Function):
         inside = torch.eq(c, v, out=torch.empty_like(v))
         r = c.round_()
         ctx.save_for_backward(v, r, inside)
-        ctx.step_shape, ctx.block = step.shape, block
+        ctx.s_shape = s.shape
         return r * s
 
     @staticmethod
     def backward(ctx, grad):
         v, r, inside = ctx.saved_tensors
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_step = None
-        if ctx.needs_input_grad[1]:
-            local = grad * (r - v * inside)  # round(v) - v inside, qmin or qmax outside
-            if ctx.block:
-                grad_step = local.reshape(*local.shape[:1], -1, ctx.block, *local.shape[2:]).sum(dim=2)
-            else:
-                grad_step = local.sum_to_size(ctx.step_shape)
-        return grad_x, grad_step, None, None, None
+        # round(v) - v inside, qmin or qmax outside; summed to the broadcast step (per block, the repeat's own
+        # backward then sums each block)
+        grad_s = (grad * (r - v * inside)).sum_to_size(ctx.s_shape) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_s, None, None
 
 
 def code_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -212,8 +206,11 @@ class LSQQuantizer(nn.Module):
         n = x.numel() / (x.shape[0] if self.per_tensor else self.step.numel())
         s = _scale_grad(self.step.clamp_min(torch.finfo(self.step.dtype).tiny), 1.0 / math.sqrt(n * self.qmax))
         # Codes in float32 even under autocast: bfloat16 cannot tell x/s = 126.6 from 126.5.
-        block = self.granularity.size if self.per_block else 0
-        return _FakeQuant.apply(x.float(), s.float(), self.qmin, self.qmax, block).to(x.dtype)
+        s, xf = self._broadcast(s).float(), x.float()
+        if torch.is_grad_enabled() and (xf.requires_grad or s.requires_grad):
+            return _FakeQuant.apply(xf, s, self.qmin, self.qmax).to(x.dtype)
+        # evaluation and calibration: the same values, nothing kept for a backward
+        return (torch.clamp(xf / s, self.qmin, self.qmax).round_() * s).to(x.dtype)
 
     # The integer range and calibration state travel with the state dict, so a checkpoint is self-contained.
     def get_extra_state(self) -> dict:

@@ -158,3 +158,23 @@ def test_per_block_forward_and_step_gradient(bits):
     assert "weight, per-block of 16" in repr(q)
     with pytest.raises(QvitError, match="a block step cannot have the shape"):
         LSQQuantizer(4, (8, 1, 1, 1), name="w", role=WEIGHT, granularity=PerBlock(axis=1, size=16))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+def test_training_and_evaluation_forwards_are_the_same_bits(granularity):
+    """Under autograd the quantizer runs its autograd Function (which keeps what LSQ's backward needs); without it,
+    plain ops: both give the same values bit for bit, at every granularity."""
+    from qvit_export.lsq import WEIGHT, PerBlock
+
+    torch.manual_seed(3)
+    x = torch.randn(8, 64) * 2
+    if granularity == "block":
+        q = LSQQuantizer(2, (8, 4), name="w", role=WEIGHT, granularity=PerBlock(axis=1, size=16))
+        q.set_step(torch.rand(8, 4) * 0.3 + 0.05)
+    else:
+        q = _quantizer(2, True, torch.rand(8, 1) * 0.3 + 0.05 if granularity == "channel" else torch.tensor(0.3))
+    trained = q(x.clone().requires_grad_(True))
+    assert trained.grad_fn is not None
+    with torch.no_grad():
+        evaluated = q(x)
+    assert evaluated.grad_fn is None and torch.equal(trained.detach(), evaluated)
