@@ -72,7 +72,7 @@ class Ledger:
             shutil.copyfile(run / "best.pt", tmp)
         entry = {"recipe": recipe.to_dict(), "sha256": digest(self.teacher_path), "top1": best["metrics"]["top1"],
                  "best_epoch": best["extra"]["epoch"], "epochs": recipe.epochs,
-                 "train_minutes": sum(r["seconds"] or 0 for r in history) / 60,
+                 "train_minutes": sum(r["seconds"] or 0 for r in history) / 60, "device": state["extra"].get("device"),
                  "curve": [[r["epoch"], r["val_top1"], r["seconds"]] for r in history]}
         write_text(self.teacher_json, json.dumps(entry, indent=2))
         return entry

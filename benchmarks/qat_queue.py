@@ -108,6 +108,7 @@ def saved_run(out: Path, recipe: Recipe) -> dict | None:
         try:
             extra = read_resume(path)["extra"]
             _STATES[key] = {"extra": {"recipe": extra.get("recipe", {}), "epoch": extra["epoch"],
+                                      "device": extra.get("device"),
                                       "train_state": {"history": extra["train_state"]["history"]}}}
         except QvitError:  # being written, or damaged: the trainer replaces it
             return None
@@ -166,7 +167,8 @@ def folder_row(probe: Probe, name: str, recipe: Recipe, state: dict | None) -> d
     history = state["extra"]["train_state"]["history"]
     row = {"name": name, "start": history[0]["val_top1"] if history[0]["epoch"] == 0 else None,
            "final": history[-1]["val_top1"], "curve": [[r["epoch"], r["val_top1"]] for r in history],
-           "train_seconds": training_seconds(state), "dgd_weight": recipe.dgd_weight if recipe.dgd else None}
+           "train_seconds": training_seconds(state), "device": state["extra"]["device"],
+           "dgd_weight": recipe.dgd_weight if recipe.dgd else None}
     diag = read_diagnostics(out)
     if diag is not None:
         row["attention"] = diag["attention"]

@@ -65,6 +65,11 @@ class Processes:
     def main(self) -> bool:
         return self.rank == 0
 
+    def describe(self) -> str:
+        """Where the run trains, as its checkpoints record it: 'cpu x1', 'cuda (NVIDIA H200) x8'."""
+        kind = "cpu" if self.device.type == "cpu" else f"{self.device.type} ({torch.cuda.get_device_name(self.device)})"
+        return f"{kind} x{self.world}"
+
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
             t = t.to(self.device if dist.get_backend() == "nccl" else "cpu")
@@ -390,7 +395,7 @@ class Trainer:
 
     def _save(self, epoch: int, val: dict, improved: bool) -> None:
         r = self.recipe
-        extra = {"recipe": r.to_dict(), "dataset": r.data, "epoch": epoch}
+        extra = {"recipe": r.to_dict(), "dataset": r.data, "epoch": epoch, "device": self.procs.describe()}
         if improved:
             save_checkpoint(self.out / "best.pt", self.model, metrics=val, extra=extra)
         state = {"epoch": epoch, "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),

@@ -13,6 +13,7 @@ from ledger import digest  # noqa: E402
 from qat_queue import Probe, run_row, student_job, teacher_job  # noqa: E402
 
 from qvit_export.checkpoint import read_checkpoint  # noqa: E402
+from qvit_export.trainer import Processes  # noqa: E402
 
 TINY = "{img_size: 28, patch_size: 7, in_chans: 1, num_classes: 10, embed_dim: 32, depth: 2, num_heads: 1}"
 
@@ -40,6 +41,7 @@ def test_finished_runs_outlive_their_folders_for_their_own_recipe_and_teacher(tm
     assert probe.teacher_done() and probe.teacher == probe.ledger.teacher_path
     kept = json.loads(probe.ledger.teacher_json.read_text())
     assert kept["top1"] == read_checkpoint(probe.teacher_dir / "best.pt")["metrics"]["top1"]
+    assert kept["device"] == Processes().describe()  # where it trained: "cpu x1" here
     assert probe.ledger.teacher_path.read_bytes() == (probe.teacher_dir / "best.pt").read_bytes()
 
     job = student_job(probe, "s", 0, overrides)
@@ -48,6 +50,7 @@ def test_finished_runs_outlive_their_folders_for_their_own_recipe_and_teacher(tm
     assert job.done()
     row = run_row(probe, "s", overrides())
     assert row["final"] is not None and len(row["attention"]) == 2  # one diagnostics entry per block
+    assert row["device"] == kept["device"]
     entry = (probe.ledger.folder / "students" / "s.json").read_text()
     assert json.loads(entry)["recipe"]["teacher"].startswith("sha256:") and str(tmp_path) not in entry
 
