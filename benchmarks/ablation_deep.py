@@ -29,6 +29,7 @@ import os
 import platform
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -390,6 +391,7 @@ def write_results(probes: dict[str, Probe], args) -> str | None:
     saved = choices._saved()
     chosen = "; ".join(f"{k}: IRM {v.get('irm', '?')}, DGD form {v.get('form', '?')}" for k, v in saved.items())
     done = sum(len(t["runs"]) for t in table)
+    where = Counter(r.get("device") or "a device not recorded" for t in table for r in t["runs"])
     when = datetime.date.today().isoformat()
     header = (f"Q-ViT ablation on the deep probe ({when}, {platform.machine()}, {os.cpu_count()} cores): teacher "
               f"{deep.teacher_recipe} ({fp['epochs']} epochs, {fp['train_minutes']:.0f} min of training, "
@@ -397,8 +399,9 @@ def write_results(probes: dict[str, Probe], args) -> str | None:
               f"{recipe.train_limit or 60000} training images, lr {recipe.lr:g}, soft logit distillation (weight "
               f"{recipe.distill_weight}), IRM fitted with {recipe.irm_steps} steps{weights}. Best choices "
               f"(made once both seeds of the candidates finished): {chosen or 'not made yet'}. {done} of "
-              f"{len(STUDENTS) * len(BITS) * len(SEEDS)} runs finished; top-1 on the 10,000 test images after the last "
-              "epoch; diagnostics (qvit-report --attention) of each final student on the first 1,000 test images, "
+              f"{len(STUDENTS) * len(BITS) * len(SEEDS)} runs finished ("
+              f"{', '.join(f'{n} trained on {d}' for d, n in where.most_common()) or 'none'}; fp32 everywhere); "
+              "top-1 on the 10,000 test images after the last epoch; diagnostics (qvit-report --attention) of each final student on the first 1,000 test images, "
               "mean over the blocks and the seeds.\n\n")
     text = (header + markdown_table(fp["top1"], table) + "\n\nTargets (mean of 2 seeds):\n\n"
             + "\n".join(f"- {line}" for line in targets(table)) + "\n" + per_block_table(table) + "\n")
