@@ -333,7 +333,7 @@ def plot(fp_top1: float, table: list[dict], path: Path) -> None:
     from qvit_export.plots import save_figure
 
     fig, axes = plt.subplots(len(BITS), 4, figsize=(22, 5 * len(BITS)), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]  # 20 distinct: one per student row
     for row_axes, bits in zip(axes, BITS, strict=True):
         rows = [t for t in table if t["bits"] == bits]
         ax = row_axes[0]

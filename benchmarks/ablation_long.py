@@ -88,6 +88,8 @@ class Job:
 def student_recipe(args, teacher: Path, job: Job) -> Recipe:
     overrides = {"name": job.name, "teacher": str(teacher), "w_bits": job.bits, "a_bits": job.bits,
                  "irm": job.student.irm, "dgd": job.student.dgd, "seed": job.seed}
+    if job.student.dgd:
+        overrides["dgd_form"] = "cosine"  # the form this ablation measured (2026-12-01), whatever DGD's default is
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     return load_recipe(args.recipe, overrides)

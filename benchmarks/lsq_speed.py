@@ -109,8 +109,8 @@ def student_step(irm, dgd: bool, steps: int) -> float:
         save_checkpoint(Path(tmp) / "t.pt", create_model("vit_tiny_patch16_224", **kw),
                         model_name="vit_tiny_patch16_224", model_kwargs=kw)
         recipe = load_recipe("probe_deep_qat", {"teacher": str(Path(tmp) / "t.pt"), "w_bits": 2, "a_bits": 2,
-                                                "irm": irm, "dgd": dgd, "train_limit": 4096, "val_limit": 128,
-                                                "calibration_images": 256, "irm_steps": 0})
+                                                "irm": irm, "dgd": dgd, "dgd_form": "cosine", "train_limit": 4096,
+                                                "val_limit": 128, "calibration_images": 256, "irm_steps": 0})
         trainer = Trainer(recipe, Path(tmp) / "run", progress=False)
         return 128 / statistics.median(timed_steps(trainer, steps, 3))
 

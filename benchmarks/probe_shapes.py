@@ -72,7 +72,7 @@ def measure(name: str, shape, steps: int, warmup: int, workdir: Path) -> dict:
     fp_times = timed_steps(fp, steps, warmup)
     teacher = save_checkpoint(workdir / "teacher.pt", create_model(fp_recipe.model, **kwargs))
     qat_recipe = load_recipe("probe_qat", {"teacher": str(teacher), "w_bits": 2, "a_bits": 2, "irm": "head",
-                                           "dgd": True, "calibration_images": 256, "irm_steps": 0,
+                                           "dgd": True, "dgd_form": "cosine", "calibration_images": 256, "irm_steps": 0,
                                            "val_limit": 100})
     qat = Trainer(qat_recipe, workdir / "qat", progress=False)
     qat_times = timed_steps(qat, steps, warmup)

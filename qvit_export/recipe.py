@@ -44,8 +44,10 @@ DEFAULTS: dict = {
     "distill": "soft",       # none | soft (KL at temperature tau) | hard (teacher's argmax)
     "distill_weight": 0.5,   # share of the logit-distillation term (DeiT's alpha); 0.5/0.5 on a distillation token
     "distill_tau": 1.0,
-    "dgd": True, "dgd_weight": 1.0,
-    "dgd_form": "cosine",    # cosine | gram-row | gram (config.DGD_FORMS; distill.py has the formulas)
+    # DGD is off unless a recipe asks: on both probes it gained nowhere (docs/results.md, "The deep probe");
+    # dgd: true alone is then the paper's DGD (row-normalised Gram matrices, weight 1)
+    "dgd": False, "dgd_weight": 1.0,
+    "dgd_form": "gram-row",  # cosine | gram-row | gram (config.DGD_FORMS; distill.py has the formulas)
     # optimisation
     "optimizer": "adamw",    # adamw | lamb
     "lr": 5e-4, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_epochs": 0.0,
@@ -195,6 +197,13 @@ def with_defaults(saved: dict) -> dict:
     if "dgd_form" not in saved:
         recipe["dgd_form"] = SAVED_DGD_FORM
     return recipe
+
+
+def _training(recipe: dict) -> dict:
+    """A flat recipe without the keys that do not change what it trains (Recipe.trains_as)."""
+    idle = ("irm", "dgd", "dgd_weight", "dgd_form") if recipe["mode"] == "fp" else (
+        () if recipe["dgd"] else ("dgd_weight", "dgd_form"))
+    return {k: v for k, v in recipe.items() if k not in idle}
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # a run's name is a folder name under runs/
@@ -394,12 +403,10 @@ class Recipe:
         return cls.from_mapping(with_defaults(saved))
 
     def trains_as(self, saved: dict) -> bool:
-        """Whether a run saved with ``saved`` trained this very recipe (keys added since at their defaults). An FP
-        run has no IRM: its ``irm`` is not compared, so a later DEFAULT_IRM leaves saved teachers valid."""
-        then, now = with_defaults(saved), self.to_dict()
-        if self.mode == "fp":
-            then.pop("irm"), now.pop("irm")
-        return then == now
+        """Whether a run saved with ``saved`` trained this very recipe (keys added since at their defaults). Keys
+        that change nothing are not compared: an FP run has no IRM and no DGD, and a run without DGD has no DGD
+        weight or form, so a later default for any of them leaves saved teachers and students valid."""
+        return _training(with_defaults(saved)) == _training(self.to_dict())
 
     def overridden(self, overrides: dict) -> "Recipe":
         """This recipe with flat overrides (``key`` or ``augment.key``, as ``--set`` gives them), validated."""

@@ -106,7 +106,7 @@ def test_group_options_and_old_runs():
 def test_a_run_saved_before_dgd_forms_trained_the_cosine_form(monkeypatch):
     from qvit_export import recipe as recipes
 
-    today = load_recipe("demo_w4a4", {"dgd_form": "gram-row"})
+    today = load_recipe("demo_w4a4", {"dgd": True, "dgd_form": "gram-row"})
     saved = {k: v for k, v in today.to_dict().items() if k not in ("dgd_form", "quant_groups")}
     monkeypatch.setitem(recipes.DEFAULTS, "dgd_form", "gram-row")  # whatever the default becomes
     assert with_defaults(saved)["dgd_form"] == "cosine"

@@ -44,7 +44,7 @@ def test_every_recipe_resolves():
         recipe = load_recipe(name)
         assert recipe.name == name
     deit = load_recipe("deit_tiny_w3a3")
-    assert (deit.quant.w_bits, deit.quant.a_bits, deit.model, deit.dgd) == (3, 3, "deit_tiny_patch16_224", True)
+    assert (deit.quant.w_bits, deit.quant.a_bits, deit.model, deit.dgd) == (3, 3, "deit_tiny_patch16_224", False)
     assert deit.quant.irm == DEFAULT_IRM  # irm: true in the file; the run records the variant it trains
     over = load_recipe("demo_w4a4", {"w_bits": 2, "augment.hflip": 0.0, "lr": 1e-4})
     assert (over.quant.w_bits, over.augment.hflip, over.lr) == (2, 0.0, 1e-4)
@@ -85,7 +85,8 @@ def test_a_recipe_is_a_frozen_dataclass_holding_a_quant_config():
 
 def test_qat_steps_lower_the_loss(teacher_ckpt, tmp_path, figures):
     recipe = load_recipe("demo_w4a4", {"teacher": str(teacher_ckpt), "train_limit": 640, "val_limit": 500,
-                                       "batch_size": 64, "calibration_images": 256, "irm_steps": 10, "lr": 2e-4})
+                                       "batch_size": 64, "calibration_images": 256, "irm_steps": 10, "lr": 2e-4,
+                                       "dgd": True, "dgd_form": "cosine", "dgd_weight": 0.01})
     trainer = Trainer(recipe, tmp_path, progress=False)
     x = torch.stack([trainer.train_set[i][0] for i in range(256)])
     y = torch.tensor([trainer.train_set[i][1] for i in range(256)])
@@ -138,6 +139,14 @@ def test_steps_and_irm_have_their_own_learning_rates(fmnist_teacher):
     assert fp.trains_as(fp.to_dict() | {"irm": True}) and fp.quant.irm == DEFAULT_IRM
     assert fp.trains_as(fp.to_dict() | {"irm": "token"})  # whatever the default becomes: a teacher stays valid
     assert not recipe.trains_as(recipe.to_dict() | {"irm": "token"})  # a student's IRM is its training
+    # nor DGD: a teacher saved while DGD's default was on is today's; a student without DGD has no DGD form or
+    # weight to compare; a DGD student's form and weight are its training
+    assert fp.trains_as(fp.to_dict() | {"dgd": True, "dgd_form": "cosine", "dgd_weight": 0.01})
+    assert not recipe.dgd and recipe.trains_as(recipe.to_dict() | {"dgd_form": "cosine", "dgd_weight": 0.5})
+    dgd = load_recipe("demo_w4a4", {"dgd": True})
+    assert (dgd.dgd_form, dgd.dgd_weight) == ("gram-row", 1.0)  # the paper's DGD, one key away
+    assert not dgd.trains_as(dgd.to_dict() | {"dgd_form": "cosine"})
+    assert not dgd.trains_as(dgd.to_dict() | {"dgd_weight": 0.5}) and not recipe.trains_as(dgd.to_dict())
 
 
 def test_autocast_path(teacher_ckpt, tmp_path):
