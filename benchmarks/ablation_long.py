@@ -67,7 +67,7 @@ STUDENTS = (
     Student("+IRM token", "token", False, 3),
     Student("+IRM head", "head", False, 1),
     Student("+IRM blend", "blend", False, 3),
-    Student("Q-ViT (IRM token + DGD, the paper's)", "token", True, 0),
+    Student("Q-ViT (IRM token + DGD cosine; the paper's IRM)", "token", True, 0),
     Student("IRM head + DGD", "head", True, 4),
     Student("IRM blend + DGD", "blend", True, 4),
 )

@@ -4,7 +4,7 @@
 
 For the probe teacher's W4A4 and W2A2 students (recipe probe_qat; without IRM and with each fitted IRM variant),
 calibrated as qvit-train does, one batch of 256 training images: the task loss (the recipe's 0.5 CE + 0.5 soft
-distillation), DGD as the paper defines it (weight 1), the gradient norms of both on the transformer blocks'
+distillation), DGD in its cosine form at weight 1 (measure(form=...) takes the others), the gradient norms of both on the transformer blocks'
 weight matrices, their ratio and cosine, and the weight that would bring the two gradients level (1/ratio).
 --recipe demo_w4a4 --teacher runs/demo/fp/best.pt measures the demo student instead.
 """

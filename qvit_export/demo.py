@@ -3,8 +3,8 @@
     python -m qvit_export.demo [--workdir runs/demo]
 
 1. FP teacher (recipe models/demo_fp.yaml, qvit-train's engine), 2. PTQ baselines (W8A8, W4A4) calibrated on
-the shipped calibration set calib/fashion-mnist.json (1,024 class-balanced training images), 3. the W4A4 Q-ViT student (recipe models/demo_w4a4.yaml: calibrate, then QAT with IRM +
-DGD + logit distillation), 4. qvit-export's steps on the student, for int8 (the fastest engine) and int4-weight-only (the
+the shipped calibration set calib/fashion-mnist.json (1,024 class-balanced training images), 3. the W4A4 Q-ViT student (recipe models/demo_w4a4.yaml: calibrate, then QAT with IRM and
+logit distillation), 4. qvit-export's steps on the student, for int8 (the fastest engine) and int4-weight-only (the
 smallest): QDQ ONNX, parity against PyTorch on all 10,000 test images through ONNX Runtime, accuracy there,
 and a TensorRT-RTX plan for SM89 with its anatomy (which kernel runs each quantized layer, in which types). Finished runs are
 reused, so a second run only re-measures.

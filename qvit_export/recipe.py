@@ -201,8 +201,8 @@ def with_defaults(saved: dict) -> dict:
 
 def _training(recipe: dict) -> dict:
     """A flat recipe without the keys that do not change what it trains (Recipe.trains_as)."""
-    idle = ("irm", "dgd", "dgd_weight", "dgd_form") if recipe["mode"] == "fp" else (
-        () if recipe["dgd"] else ("dgd_weight", "dgd_form"))
+    dgd = recipe["mode"] == "qat" and recipe["dgd"] and recipe["dgd_weight"] > 0  # as the Trainer decides
+    idle = (("irm",) if recipe["mode"] == "fp" else ()) + (() if dgd else ("dgd", "dgd_weight", "dgd_form"))
     return {k: v for k, v in recipe.items() if k not in idle}
 
 

@@ -66,7 +66,8 @@ class Processes:
         return self.rank == 0
 
     def describe(self) -> str:
-        """Where the run trains, as its checkpoints record it: 'cpu x1', 'cuda (NVIDIA H200) x8'."""
+        """Where the run trains, as its checkpoints record it: 'cpu x1', 'cuda (NVIDIA H200) x8' (a run resumed
+        elsewhere records where it saved last)."""
         kind = "cpu" if self.device.type == "cpu" else f"{self.device.type} ({torch.cuda.get_device_name(self.device)})"
         return f"{kind} x{self.world}"
 

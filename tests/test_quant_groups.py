@@ -50,7 +50,7 @@ def test_a_group_alone_equals_the_full_model_with_only_that_group_on(group, smal
 def test_left_out_groups_stay_off_in_training_evaluation_and_a_checkpoint(fmnist_teacher, tmp_path):
     teacher = save_checkpoint(tmp_path / "teacher.pt", fmnist_teacher)
     recipe = load_recipe("demo_w4a4", {"teacher": str(teacher), "w_bits": 2, "a_bits": 2, "irm": False,
-                                       "quant_groups": ["mhsa_acts"], "train_limit": 128, "val_limit": 100,
+                                       "quant_groups": ["mhsa_acts"], "dgd": True, "train_limit": 128, "val_limit": 100,
                                        "batch_size": 32, "calibration_images": 64, "epochs": 1})
     assert recipe.quant.groups == ("mhsa_acts",)
     trainer = Trainer(recipe, tmp_path / "run", progress=False)
@@ -112,3 +112,4 @@ def test_a_run_saved_before_dgd_forms_trained_the_cosine_form(monkeypatch):
     assert with_defaults(saved)["dgd_form"] == "cosine"
     assert with_defaults(saved)["quant_groups"] is None
     assert with_defaults(today.to_dict())["dgd_form"] == "gram-row" and today.trains_as(today.to_dict())
+    assert not today.trains_as(saved)  # an old DGD run is the cosine form's, not today's gram-row

@@ -147,6 +147,7 @@ def test_steps_and_irm_have_their_own_learning_rates(fmnist_teacher):
     assert (dgd.dgd_form, dgd.dgd_weight) == ("gram-row", 1.0)  # the paper's DGD, one key away
     assert not dgd.trains_as(dgd.to_dict() | {"dgd_form": "cosine"})
     assert not dgd.trains_as(dgd.to_dict() | {"dgd_weight": 0.5}) and not recipe.trains_as(dgd.to_dict())
+    assert recipe.trains_as(dgd.to_dict() | {"dgd_weight": 0.0})  # weight 0 trains without DGD, as the Trainer does
 
 
 def test_autocast_path(teacher_ckpt, tmp_path):
@@ -169,7 +170,7 @@ def free_port() -> int:
 
 def test_torchrun_two_processes_equal_one(teacher_ckpt, tmp_path):
     # Augmentation on: SeededAugment must give each sample the same crop and flip whatever the process count.
-    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY, "--set", "train_limit=64",
+    common = ["--recipe", "demo_w4a4", "--teacher", teacher_ckpt, *TINY, "--set", "train_limit=64", "--set", "dgd=true",
               "--set", "augment.hflip=0.5", "--set", "augment.crop_padding=2"]
     one_thread = os.environ | {"OMP_NUM_THREADS": "1"}  # torchrun's default per process; calibration then agrees
     one = subprocess.run([*QVIT_TRAIN, *common, "--out", tmp_path / "one"], capture_output=True, text=True, timeout=300,
