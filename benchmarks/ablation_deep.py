@@ -400,7 +400,8 @@ def write_results(probes: dict[str, Probe], args) -> str | None:
               f"{recipe.distill_weight}), IRM fitted with {recipe.irm_steps} steps{weights}. Best choices "
               f"(made once both seeds of the candidates finished): {chosen or 'not made yet'}. {done} of "
               f"{len(STUDENTS) * len(BITS) * len(SEEDS)} runs finished ("
-              f"{', '.join(f'{n} trained on {d}' for d, n in where.most_common()) or 'none'}; fp32 everywhere); "
+              f"{', '.join(f'{n} trained on {d}' for d, n in where.most_common()) or 'none'}; "
+              f"{'bf16 autocast on CUDA' if recipe.amp else 'fp32 everywhere'}); "
               "top-1 on the 10,000 test images after the last epoch; diagnostics (qvit-report --attention) of each final student on the first 1,000 test images, "
               "mean over the blocks and the seeds.\n\n")
     text = (header + markdown_table(fp["top1"], table) + "\n\nTargets (mean of 2 seeds):\n\n"

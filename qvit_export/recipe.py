@@ -199,10 +199,15 @@ def with_defaults(saved: dict) -> dict:
     return recipe
 
 
+def dgd_on(mode: str, dgd: bool, weight: float) -> bool:
+    """Whether a run trains with DGD: the one rule the Trainer and Recipe.trains_as share."""
+    return mode == "qat" and dgd and weight > 0
+
+
 def _training(recipe: dict) -> dict:
     """A flat recipe without the keys that do not change what it trains (Recipe.trains_as)."""
-    dgd = recipe["mode"] == "qat" and recipe["dgd"] and recipe["dgd_weight"] > 0  # as the Trainer decides
-    idle = (("irm",) if recipe["mode"] == "fp" else ()) + (() if dgd else ("dgd", "dgd_weight", "dgd_form"))
+    idle = (("irm",) if recipe["mode"] == "fp" else ()) + (
+        () if dgd_on(recipe["mode"], recipe["dgd"], recipe["dgd_weight"]) else ("dgd", "dgd_weight", "dgd_form"))
     return {k: v for k, v in recipe.items() if k not in idle}
 
 

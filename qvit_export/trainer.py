@@ -35,7 +35,7 @@ from .config import QuantConfig
 from .distill import dgd_loss, logit_distillation, tapped
 from .errors import QvitError
 from .quantize import clamp_steps, quantize, set_quantizers_enabled
-from .recipe import Recipe
+from .recipe import Recipe, dgd_on
 from .evaluation import evaluation_sums, metrics_from_sums
 from .train_data import set_epoch, training_data
 from .untrusted import check_finite
@@ -225,7 +225,7 @@ class Trainer:
         seed_everything(r.seed)
         qat = r.mode == "qat"
         self.use_kd = qat and r.distill != "none"
-        self.use_dgd = qat and r.dgd and r.dgd_weight > 0
+        self.use_dgd = dgd_on(r.mode, r.dgd, r.dgd_weight)
 
         # Models: the student starts from the teacher's weights, then is calibrated (unless resuming).
         self.teacher = None
