@@ -71,7 +71,13 @@ class Kernel:
         (``__myl_FcAdd_myl0_5``: a fully connected layer and its bias add)."""
         kind = self.layer_type.lower()
         fused_ops = re.findall(r"[A-Z][a-z]*", self.name.removeprefix("__myl_").split("_myl")[0])
-        return any(w in kind for w in _COMPUTE_WORDS) or "Fc" in fused_ops
+        return any(w in kind for w in _COMPUTE_WORDS) or "Fc" in fused_ops or self.fused_attention
+
+    @property
+    def fused_attention(self) -> bool:
+        """One kernel for a whole attention (q·kᵀ, softmax and ·v, no N×N tensor in memory): TensorRT-RTX lists it
+        as a ``kgen`` kernel named ``_gemm_mha_v2…``; TensorRT 10.x's Myelin names it ``…mha…`` too."""
+        return "mha" in self.name.lower() or "mha" in self.tactic.lower()
 
     @property
     def shape_only(self) -> bool:
@@ -254,17 +260,31 @@ def analyze(kernels: list[Kernel], ops: list[dict], reasons: dict[str, str] | No
         "unmatched": sum(1 for e in layers if e.kind == "unmatched"),
     }
     return {"summary": summary, "int8_weight_gemms": sum(1 for e in layers if e.kind == "int8-weight"),
+            "attention": attention_fusion(layers, kernels),
             "stream_events": sum(1 for k in kernels if k.event),
             "layers": [asdict(e) for e in layers], "kernel_types": dict(sorted(types.items()))}
+
+
+def attention_fusion(layers: list[LayerAnatomy], kernels: list[Kernel]) -> dict:
+    """{'blocks': attention blocks, 'fused': those whose q·kᵀ and attn·v run in one fused attention kernel,
+    'unfused': the names of the others}."""
+    by_layer = {e.layer: e for e in layers}
+    fused_kernels = {k.name for k in kernels if k.fused_attention}
+    blocks = [e.layer.removesuffix(".scores") for e in layers if e.layer.endswith(".scores")]
+    fused = [b for b in blocks if (ctx := by_layer.get(f"{b}.context")) is not None
+             and by_layer[f"{b}.scores"].kernel == ctx.kernel and ctx.kernel in fused_kernels]
+    return {"blocks": len(blocks), "fused": len(fused), "unfused": [b for b in blocks if b not in fused]}
 
 
 def summary_line(anatomy: dict) -> str:
     """One line for the terminal: what runs per inference."""
     s = anatomy["summary"]
     extra = f", {anatomy['int8_weight_gemms']} int8-weight" if anatomy.get("int8_weight_gemms") else ""
+    attention = anatomy.get("attention") or {}
+    fused = f"; {attention['fused']}/{attention['blocks']} attention blocks fused" if attention.get("blocks") else ""
     return (f"anatomy: {s['kernels']} kernels; {s['quantized_layers']} quantized layers -> {s['int8_gemms']} int8 GEMMs, "
             f"{s['int4_weight_gemms']} int4-weight GEMMs{extra}, {s['float_gemms']} float GEMMs, "
-            f"{s['weight_casts']} per-inference weight casts, {s['unmatched']} unmatched")
+            f"{s['weight_casts']} per-inference weight casts, {s['unmatched']} unmatched{fused}")
 
 
 def float_gemm_layers(anatomy: dict) -> list[dict]:

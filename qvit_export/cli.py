@@ -150,6 +150,12 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
                    help="INT4 block size along K (default 64: covers the most of DeiT/Swin; layers whose K is no "
                         "multiple stay INT8)")
     g.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="dtype of the non-quantized ops")
+    from .config import ATTENTION_MODES
+
+    g.add_argument("--attention", choices=ATTENTION_MODES, default=ATTENTION_MODES[0],
+                   help="attention probabilities below 8 bits: fused (the default: deployed as 8-bit codes on the same "
+                        "step, which TensorRT runs as one fused attention kernel) or exact (the trained b-bit clamp "
+                        "kept; TensorRT then runs each attention as several kernels); at 8 bits both are one graph")
     g.add_argument("--opset", type=_int_in(17, 21), help="ONNX opset 17 to 21 (default: 17, 19 for fp16, 21 for int4)")
     g.add_argument("--static-batch", action="store_true", help="fix the batch size to 1 instead of a dynamic axis")
     g.add_argument("--decompose-layernorm", action="store_true",
@@ -226,7 +232,7 @@ def _deploy_options(args):
 
     export = ExportOptions(precision=args.precision, dtype=args.dtype, opset=args.opset, int4_block=args.int4_block,
                            dynamic_batch=not args.static_batch, decompose_layernorm=args.decompose_layernorm,
-                           exporter=args.exporter)
+                           exporter=args.exporter, attention=args.attention)
     parity = None if args.no_parity else ParityOptions(args.min_top1_agreement, args.min_code_match, args.max_lsb,
                                                        args.parity_memory)
     engine = EngineOptions(target=args.target, compute_capability=args.compute_capability,

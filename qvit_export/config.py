@@ -9,6 +9,10 @@ from .untrusted import shown
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 INT4_BLOCKS = (64, 128)  # TensorRT's documented INT4 block sizes ("Quantized types")
+# How attention below 8 bits is deployed (onnx_export.ExportOptions.attention), the default first: 'fused' deploys
+# the attention probabilities as 8-bit codes on their trained step (codes past the b-bit range are kept, not clamped),
+# which TensorRT runs as one fused attention kernel; 'exact' keeps the trained b-bit clamp, which no fused kernel holds.
+ATTENTION_MODES = ("fused", "exact")
 CALIBRATION_METHODS = ("mse", "lsq", "percentile")
 # IRM on q and k (layers.IRM_NORMS holds one class per name): 'token', the paper's LayerNorm over head_dim per
 # token; 'head', one mean and variance per head over tokens x head_dim (an affine map of the whole head);

@@ -156,6 +156,12 @@ class QuantAttentionMixin:
         return getattr(self, "q_bias", None) is not None and isinstance(qkv, QuantLinear) \
             and (qkv.weight_quantizer.enabled or qkv.input_quantizer.enabled)
 
+    def output_reader(self) -> str | None:
+        """The name, under this module, of the activation quantizer that reads the attention's output: the output
+        projection's input quantizer (every family's ``proj``); None where the output is not quantized there."""
+        proj = getattr(self, "proj", None)
+        return "proj.input_quantizer" if isinstance(proj, QuantLinear) else None
+
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, heads, N, head_dim] from the fused ``qkv`` projection (through its quantizers), with timm's
         separate q and v biases where the model has them (EVA, Swin V2: ``q_bias``, a zero ``k_bias`` buffer,

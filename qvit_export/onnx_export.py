@@ -33,9 +33,9 @@ import torch
 from timm.layers import PatchEmbed
 from torch import nn
 
-from .config import INT4_BLOCKS
+from .config import ATTENTION_MODES, INT4_BLOCKS
 from .errors import QvitError
-from .layers import IRMNorm, QuantConv2d, QuantLinear, head_layer_norm
+from .layers import IRMNorm, QuantAttentionMixin, QuantConv2d, QuantLinear, head_layer_norm
 from .lsq import ACTIVATION, LSQQuantizer, block_refusal
 from . import onnx_routes
 from .onnx_graph import OWNER_KEY
@@ -59,9 +59,12 @@ class ExportOptions:
     decompose_layernorm: bool = False  # TensorRT 8.5 (JetPack 5) cannot import LayerNormalization
     int4_block: int = DEFAULT_INT4_BLOCK  # INT4 block size along K (64 or 128)
     exporter: str = onnx_routes.DEFAULT_ROUTE  # dynamo | torchscript: how the twin is traced (onnx_routes)
+    attention: str = ATTENTION_MODES[0]  # fused | exact: attention probabilities below 8 bits (config.ATTENTION_MODES)
 
     def __post_init__(self):
         onnx_routes.route(self.exporter)  # a known exporter, or a one-line error naming them
+        if self.attention not in ATTENTION_MODES:
+            raise QvitError(f"attention mode {self.attention!r} is unknown: choose one of {', '.join(ATTENTION_MODES)}")
         if self.precision not in PRECISIONS:
             raise QvitError(f"precision {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
         if self.int4_block not in INT4_BLOCKS:
@@ -133,17 +136,32 @@ def _weight_dq(codes, scale, zero, axis: int, owner: str) -> torch.Tensor:
     return _WeightDQ.apply(codes, scale, zero, axis)
 
 
+def needs_clip(qmin: int, qmax: int, scale: float, input_range: tuple[float, float] | None) -> bool:
+    """Whether the clamp to [qmin, qmax] must be written as a Clip before QuantizeLinear: not when QuantizeLinear's
+    own saturation to [-128, 127] gives the same codes for every input in ``input_range`` (None: any value).
+    Rounding is monotonic, so the codes of the range's ends decide. A Clip between a softmax and its QuantizeLinear
+    is what stops TensorRT fusing the attention (deit_small W8A8, TensorRT-RTX 1.7, SM89: 199 kernels with it, 138
+    and 12 fused attention kernels without), and at 8 bits it cannot bind on a softmax output: [0, 1] → [0, 127]."""
+    lo, hi = input_range if input_range is not None else (-math.inf, math.inf)
+    margin = 1e-3  # of a code: an input this near a rounding tie may round either way in another runtime's dtype
+    low_free = qmin == -128 or lo / scale > qmin - 0.5 + margin
+    high_free = qmax == 127 or hi / scale < qmax + 0.5 - margin
+    return not (low_free and high_free)
+
+
 class ActivationQDQ(nn.Module):
     """Export form of an activation LSQQuantizer: its step and range as constants. ``owner``: the quantizer's
-    module name, which names its nodes."""
+    module name, which names its nodes. ``input_range``: what its input can be, where the model fixes it (a
+    softmax output: [0, 1]), so that a clamp that cannot bind is not written (needs_clip)."""
 
-    def __init__(self, q: LSQQuantizer, dtype: torch.dtype, owner: str):
+    def __init__(self, q: LSQQuantizer, dtype: torch.dtype, owner: str,
+                 input_range: tuple[float, float] | None = None):
         super().__init__()
         self.qmin, self.qmax = q.qmin, q.qmax
-        self.clip = (q.qmin, q.qmax) != (-128, 127)  # INT8's own saturation is the clamp at 8 signed bits
         self.enabled = True  # attention modules check this to take their explicit path
         self.owner = owner
         s = q.scale().to(dtype)
+        self.clip = needs_clip(q.qmin, q.qmax, float(s), input_range)
         self.register_buffer("scale", s)
         self.register_buffer("clip_min", s * q.qmin)
         self.register_buffer("clip_max", s * q.qmax)
@@ -445,6 +463,42 @@ def _check_deployable(model: nn.Module, options: ExportOptions) -> None:
                                 "with per-tensor activation quantizers (the default QuantConfig)")
 
 
+def attention_quantizers(model: nn.Module) -> tuple[set[str], set[str]]:
+    """({the quantizers of attention probabilities (softmax outputs)}, {the quantizers that read an attention's
+    output}) of a quantized model, by name."""
+    probabilities, readers = set(), set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantAttentionMixin):
+            prefix = f"{name}." if name else ""
+            probabilities.add(prefix + "attn_quantizer")
+            reader = mod.output_reader()
+            if reader is not None:
+                readers.add(prefix + reader)
+    return probabilities, readers
+
+
+def deployment_form(model: nn.Module, options: ExportOptions) -> nn.Module:
+    """The model whose maths the graph computes: ``model`` itself, or for ``attention="fused"`` a copy in which the
+    attention probabilities and the quantizer that reads the attention's output, where below 8 bits, hold 8-bit
+    codes on their trained steps (export and parity both take this form, so parity checks the graph that ships).
+
+    Why those two: TensorRT fuses an attention into one kernel only when nothing stands between the softmax and its
+    QuantizeLinear, nor between the attention's output and the next QuantizeLinear, which the fused kernel computes
+    (measured, TensorRT-RTX 1.7, SM89, deit_tiny W4A4: 198 kernels and none fused with the two b-bit Clips, 162 and
+    12 fused without them; q, k and v keep their Clips). Written on the INT8 codes instead (Q → Clip → DQ), the
+    output's clamp still fused, but ONNX Runtime then ran each projection as a float MatMul."""
+    if options.attention != "fused" or options.weight_only:
+        return model
+    probabilities, readers = attention_quantizers(model)
+    narrow = [name for name, m in model.named_modules() if name in probabilities | readers and m.bits < 8]
+    if not narrow:
+        return model
+    deployed = copy.deepcopy(model)
+    for name in narrow:
+        deployed.get_submodule(name).bits = 8
+    return deployed
+
+
 def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None = None) -> nn.Module:
     """A copy of the quantized model whose layers emit the QDQ graph; same maths, ONNX-friendly form.
     ``int4``: the layers whose weights become INT4 blocks (default: ``int4_layers`` for an int4 precision)."""
@@ -455,6 +509,7 @@ def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None
         int4 = int4_layers(model, options.int4_block)[0] if options.int4 else []
     flattened = set(int4) if options.precision == "int4" else set()
     twin = copy.deepcopy(model).eval()
+    probabilities = attention_quantizers(twin)[0]
     for name, mod in list(twin.named_modules()):
         if not name:
             continue
@@ -468,7 +523,8 @@ def export_twin(model: nn.Module, options: ExportOptions, int4: list[str] | None
         elif isinstance(mod, QuantConv2d):
             setattr(parent, child, ExportConv2d(mod, dtype, name, activations))
         elif isinstance(mod, LSQQuantizer) and not isinstance(parent, _ExportWeightLayer):
-            setattr(parent, child, ActivationQDQ(mod, dtype, name) if activations else PassThrough())
+            form = ActivationQDQ(mod, dtype, name, input_range=(0.0, 1.0) if name in probabilities else None)
+            setattr(parent, child, form if activations else PassThrough())
         elif isinstance(mod, IRMNorm):
             setattr(parent, child, irm_export_form(mod, options.decompose_layernorm))
         elif isinstance(mod, nn.LayerNorm):
@@ -506,6 +562,7 @@ def onnx_model(model: nn.Module, options: ExportOptions = ExportOptions(), metad
     from .untrusted import check_finite
 
     check_finite(model, "the model to export")
+    model = deployment_form(model, options)
     opset = options.resolved_opset()
     int4, int8_kept = int4_layers(model, options.int4_block) if options.int4 else ([], {})
     twin = export_twin(model, options, int4)
@@ -523,6 +580,7 @@ def onnx_model(model: nn.Module, options: ExportOptions = ExportOptions(), metad
     dummy = torch.zeros(2 if options.dynamic_batch else 1, *input_shape(model), dtype=dtype)
     graph = onnx_routes.route(options.exporter).trace(twin, dummy, opset, options.dynamic_batch)
     stored["exporter"] = options.exporter
+    stored["attention"] = options.attention
     onnx_graph.prepare(graph)
     if simplify:
         graph = onnx_graph.simplify(graph, decomposed_layernorm=options.decompose_layernorm)

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import write_text
+from .config import ATTENTION_MODES
 from .errors import QvitError
 from .lsq import ACTIVATION
 from .quantize import quantizers, quantizers_disabled
@@ -207,11 +208,22 @@ def compare(model: nn.Module, onnx_path, images, batch_size: int = 250, progress
     """Compare a quantized PyTorch model with its exported ONNX graph on ``images`` (a tensor [N, C, H, W]), at most
     ``batch_size`` images at a time and fewer where the codes of one image are large: ``memory_mb`` bounds what the
     integer-code comparison holds (images_per_chunk), so a 518-pixel DINOv2 (1,374 tokens) is compared in chunks of
-    a few images instead of all at once."""
+    a few images instead of all at once.
+
+    ``model`` is compared in the form the graph says it deployed (its ``attention`` metadata; a graph without it
+    predates the choice and is exact): onnx_export.deployment_form."""
     import onnx
 
+    from .onnx_export import ExportOptions, deployment_form
+
     graph = onnx.load(str(onnx_path))
-    weight_only = {p.key: p.value for p in graph.metadata_props}.get("precision") == "int4-weight-only"
+    meta = {p.key: p.value for p in graph.metadata_props}
+    weight_only = meta.get("precision") == "int4-weight-only"
+    attention = meta.get("attention", "exact")
+    if attention not in ATTENTION_MODES:
+        raise QvitError(f"{onnx_path} says attention={attention!r}, which is none of {', '.join(ATTENTION_MODES)}: "
+                        "export it again")
+    model = deployment_form(model, ExportOptions(attention=attention))
     with quantizers_disabled(model, weights=False) if weight_only else contextlib.nullcontext():
         return _compare(model, graph, onnx_path, images, batch_size, progress, weight_only, memory_mb)
 
