@@ -187,6 +187,9 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     e.add_argument("--timing-cache", help="timing cache file, read and updated")
     e.add_argument("--allow-float-gemms", action="store_true",
                    help="keep an engine in which a quantized layer runs as a float GEMM (default: refuse it)")
+    e.add_argument("--cost-batch", type=_int_in(1, 4096), metavar="N",
+                   help="read the plan's cost at a batch of N (MB moved, GEMM work, estimated ms on GPU profiles: "
+                        "docs/usage.md), beside the FP16 float model's plan at N; one or two more builds")
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -237,7 +240,8 @@ def _deploy_options(args):
                                                        args.parity_memory)
     engine = EngineOptions(target=args.target, compute_capability=args.compute_capability,
                            batch=args.batch or (1, 8, 32), workspace_mib=args.workspace,
-                           timing_cache=args.timing_cache, allow_float_gemms=args.allow_float_gemms) \
+                           timing_cache=args.timing_cache, allow_float_gemms=args.allow_float_gemms,
+                           cost_batch=args.cost_batch) \
         if args.engine else None
     return DeployOptions(export, parity, engine, simplify=not args.no_simplify)
 
@@ -251,7 +255,8 @@ def _export_plan(args) -> tuple[object, dict, dict, list]:
     if not args.engine:
         given = [flag for flag, value in (("--compute-capability", args.compute_capability), ("--batch", args.batch),
                                           ("--workspace", args.workspace), ("--timing-cache", args.timing_cache),
-                                          ("--allow-float-gemms", args.allow_float_gemms)) if value]
+                                          ("--allow-float-gemms", args.allow_float_gemms),
+                                          ("--cost-batch", args.cost_batch)) if value]
         if given:
             raise QvitError(f"{given[0]} configures the engine build: add --engine PLAN, or drop {given[0]}")
     if args.static_batch and args.batch:
@@ -284,6 +289,15 @@ def _export_staged(out, args, options, model, metadata: dict, dataset_hint: str 
     return deployed.build
 
 
+def profiles_for(built: dict) -> tuple[str, ...]:
+    """The GPU profiles the cost line names: those built as the plan's target, else the first two."""
+    from .plan_cost import GPU_PROFILES
+
+    target = str(built.get("target", "")).lower()
+    own = tuple(name for name, p in GPU_PROFILES.items() if p.compute_capability == target)
+    return own or tuple(GPU_PROFILES)[:2]
+
+
 def _print_written(args, outputs: dict, parity: bool, built: dict | None) -> None:
     print(f"wrote {outputs['--onnx']}" + (f" and {outputs['--parity-report']}" if parity else ""))
     if built is not None:
@@ -294,6 +308,11 @@ def _print_written(args, outputs: dict, parity: bool, built: dict | None) -> Non
               f"({len(built['qdq_layers'])} Q/DQ), {built['build_seconds']:.1f} s; report {built['report']}")
         anatomy = built["anatomy"]
         print(summary_line(anatomy) if "summary" in anatomy else f"anatomy: skipped ({anatomy['skipped']})")
+        from .plan_cost import summary_line as cost_line
+
+        cost = built.get("cost") or {}
+        print(cost_line(cost, cost.get("fp16"), profiles_for(built)) if "mb" in cost
+              else f"cost: skipped ({cost.get('skipped', 'no listing')})")
 
 
 def _checkpoint_metadata(path: Path, ckpt: dict, name: str | None = None) -> dict:

@@ -6,6 +6,7 @@ qvit-export, qvit-quantize and the demo call this; the commands only parse their
 """
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -159,6 +160,15 @@ def deploy_staged(out, model: nn.Module, options: DeployOptions, images: torch.T
     from .engine import write_engine
 
     say(f"building {out.outputs[labels.engine]}")
-    built = write_engine(out, out.stage(labels.onnx), (labels.engine, labels.build_report, labels.timing_cache),
-                         options.engine, onnx_name=onnx_name or out.outputs[labels.onnx], progress=progress)
+    with tempfile.TemporaryDirectory(prefix="qvit-baseline-") as tmp:
+        baseline = None
+        if options.engine.cost_batch is not None:  # the float model's FP16 plan, which the cost is compared with
+            from .onnx_export import float_baseline
+            from .onnx_graph import save_atomic
+
+            say(f"exporting the FP16 float model for the plan cost at batch {options.engine.cost_batch}")
+            baseline = save_atomic(float_baseline(model), Path(tmp) / "fp16.onnx")
+        built = write_engine(out, out.stage(labels.onnx), (labels.engine, labels.build_report, labels.timing_cache),
+                             options.engine, onnx_name=onnx_name or out.outputs[labels.onnx], progress=progress,
+                             baseline_onnx=baseline)
     return Deployed(onnx_bytes, report, built, kept)

@@ -120,6 +120,20 @@ def engine_anatomy(onnx_model, listing: str | None, inspector: dict) -> dict:
     return result
 
 
+def listing_cost(listing: str | None) -> dict:
+    """The plan's cost (plan_cost.py) from the builder's kernel listing, or why there is none: a dynamic batch leaves
+    -1 dimensions, whose bytes no one can sum (qvit-export --cost-batch builds at a fixed batch for that)."""
+    from . import anatomy, plan_cost
+
+    if not listing:
+        return {"skipped": "the builder printed no kernel listing"}
+    kernels = anatomy.parse_layer_listing(listing)
+    if plan_cost.has_unknown_dims(kernels):
+        return {"skipped": "dynamic batch: the listing's -1 dimensions hide the bytes each kernel moves; build at a "
+                           "fixed batch (--static-batch, or --cost-batch N beside the dynamic plan)"}
+    return plan_cost.plan_cost(kernels).to_dict()
+
+
 def check_build_options(target: str = "auto", compute_capability: str | None = None,
                         batch: tuple[int, int, int] = (1, 8, 32)):
     """Everything about a build that can be refused before any work: (module, library name)."""
@@ -174,10 +188,13 @@ def _progress_monitor(trt, progress: bool):
 
 def build_plan(onnx_path, target: str = "auto", compute_capability: str | None = None,
                batch: tuple[int, int, int] = (1, 8, 32), workspace_mib: int | None = None, timing_cache=None,
-               plan_name=None, onnx_name=None, progress: bool = True) -> tuple[bytes, dict, bytes | None]:
+               plan_name=None, onnx_name=None, progress: bool = True,
+               fixed_batch: int | None = None) -> tuple[bytes, dict, bytes | None]:
     """Build a TensorRT plan from a QDQ ONNX file, writing nothing: (plan, build report, timing cache bytes
     to store or None). ``plan_name``/``onnx_name`` are the paths the report records (the files may be staged
-    under other names). SIGINT/SIGTERM cancel the build and are raised when it stops."""
+    under other names). ``fixed_batch``: build a dynamic-batch graph at that one batch instead of a profile (the
+    network's inputs take it), so that every tensor of the kernel listing has known dimensions and the report
+    carries the plan's cost (plan_cost.py). SIGINT/SIGTERM cancel the build and are raised when it stops."""
     from . import interrupts
 
     trt, library = check_build_options(target, compute_capability, batch)
@@ -207,6 +224,12 @@ def build_plan(onnx_path, target: str = "auto", compute_capability: str | None =
         config.set_timing_cache(cache, ignore_mismatch=False)
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     dynamic = [t for t in inputs if tuple(t.shape)[0] == -1]
+    if fixed_batch is not None:
+        if fixed_batch < 1:
+            raise QvitError(f"a fixed batch of {fixed_batch} images: give 1 or more")
+        for tensor in dynamic:
+            tensor.shape = (int(fixed_batch), *tuple(tensor.shape)[1:])
+        dynamic = []
     if dynamic:  # a --static-batch graph needs no profile
         profile = builder.create_optimization_profile()
         for tensor in dynamic:
@@ -250,7 +273,9 @@ def build_plan(onnx_path, target: str = "auto", compute_capability: str | None =
         {"skipped": "built ahead of time for another target: inspect on that GPU"}
     from .anatomy import find_layer_listing
 
-    report["anatomy"] = engine_anatomy(onnx_model, find_layer_listing(logger.listings), report["engine_inspector"])
+    listing = find_layer_listing(logger.listings)
+    report["anatomy"] = engine_anatomy(onnx_model, listing, report["engine_inspector"])
+    report["cost"] = listing_cost(listing)
     report["timing_cache"] = str(cache_path) if cache_path else ("not used by TensorRT-RTX" if timing_cache else None)
     cache_bytes = bytes(config.get_timing_cache().serialize()) if cache_path is not None else None
     return plan, report, cache_bytes
@@ -283,7 +308,9 @@ class EngineOptions:
     ``batch``: the dynamic batch profile (min, opt, max); ``workspace_mib``: the builder's memory pool (None: its
     default); ``timing_cache``: a file TensorRT reads and updates (TensorRT-RTX keeps none); ``allow_float_gemms``:
     keep a plan in which a quantized layer became a float GEMM (otherwise the build fails, with its anatomy as
-    evidence)."""
+    evidence); ``cost_batch``: read the plan's cost (plan_cost.py) at this batch: from the plan itself when its batch
+    is fixed, else from one more build at that batch; and, where the caller gives the float model's graph
+    (deploy does), the FP16 float model's plan at the same batch, to which the cost is compared."""
 
     target: str = "auto"
     compute_capability: str | None = None
@@ -291,8 +318,12 @@ class EngineOptions:
     workspace_mib: int | None = None
     timing_cache: str | Path | None = None
     allow_float_gemms: bool = False
+    cost_batch: int | None = None
 
     def __post_init__(self):
+        if self.cost_batch is not None and (isinstance(self.cost_batch, bool) or not isinstance(self.cost_batch, int)
+                                            or not 1 <= self.cost_batch <= 4096):
+            raise QvitError(f"--cost-batch {self.cost_batch!r} must be a whole number of images from 1 to 4096")
         if self.target not in TARGETS:
             raise QvitError(f"target {self.target!r} is unknown: choose one of {', '.join(TARGETS)}")
         try:
@@ -336,16 +367,19 @@ def build_engine(onnx_path, plan_path, options: EngineOptions | None = None, rep
 
 
 def write_engine(out, onnx_path, labels: tuple[str, str, str], options: EngineOptions, onnx_name=None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, baseline_onnx=None) -> dict:
     """Build into an open OutputSet ``out`` whose outputs ``labels`` (plan, build report, and the timing cache
     when TensorRT uses one) are staged, check the anatomy, write the staged files, and commit. TensorRT reads
-    the timing cache where it is; its update is staged like the plan."""
+    the timing cache where it is; its update is staged like the plan. ``baseline_onnx``: the float model's FP16
+    graph (onnx_export.float_baseline), whose plan the cost is compared with when ``options.cost_batch`` is set."""
     plan_label, report_label, cache_label = labels
     report_path = out.outputs[report_label]
     plan, report, cache_bytes = build_plan(onnx_path, options.target, options.compute_capability, options.batch,
                                            options.workspace_mib, options.timing_cache,
                                            plan_name=out.outputs[plan_label], onnx_name=onnx_name, progress=progress)
     check_float_gemms(report, report_path, options.allow_float_gemms)
+    if options.cost_batch is not None:
+        report["cost"] = cost_at_batch(onnx_path, options, report, baseline_onnx, progress)
     report["report"] = str(report_path)
     out.write(report_label, json.dumps(report, indent=2, sort_keys=True, allow_nan=False).encode())
     out.write(plan_label, plan)
@@ -353,6 +387,26 @@ def write_engine(out, onnx_path, labels: tuple[str, str, str], options: EngineOp
         out.write(cache_label, cache_bytes)
     out.commit()
     return report
+
+
+def cost_at_batch(onnx_path, options: EngineOptions, report: dict, baseline_onnx=None, progress: bool = True) -> dict:
+    """The cost of ``onnx_path``'s plan at ``options.cost_batch`` images (the built plan's own when its batch is that
+    one, else a second build at that fixed batch), with ``fp16``: the float baseline's cost at the same batch and
+    ``vs_fp16``: the ratios to it (MB moved, activation MB, estimated ms per GPU profile)."""
+    from .plan_cost import compare
+
+    batch = options.cost_batch
+    if report["batch"] == {"min": batch, "opt": batch, "max": batch} and "skipped" not in report["cost"]:
+        cost = dict(report["cost"])
+    else:
+        cost = build_plan(onnx_path, options.target, options.compute_capability, workspace_mib=options.workspace_mib,
+                          progress=progress, fixed_batch=batch)[1]["cost"]
+    cost["batch"] = batch
+    if baseline_onnx is not None and "skipped" not in cost:
+        fp16 = build_plan(baseline_onnx, options.target, options.compute_capability,
+                          workspace_mib=options.workspace_mib, progress=progress, fixed_batch=batch)[1]["cost"]
+        cost |= {"fp16": fp16, "vs_fp16": compare(cost, fp16)}
+    return cost
 
 
 class EngineModule:

@@ -588,6 +588,21 @@ def onnx_model(model: nn.Module, options: ExportOptions = ExportOptions(), metad
     return onnx_graph.finalize(graph, model, options, opset, (metadata or {}) | stored, int4)
 
 
+def float_baseline(model: nn.Module, dtype: str = "fp16"):
+    """The ONNX of the float model a quantized ``model`` replaces: its architecture as timm builds it (random
+    weights: which kernels TensorRT picks does not depend on their values), no quantizer, no IRM, every op in
+    ``dtype``, a dynamic batch. The plan cost's reference (engine.EngineOptions.cost_batch)."""
+    from .timm_models import create_model, describe_model
+
+    source = describe_model(model)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        fp = create_model(source["name"], **source["kwargs"]).eval()
+    fp = fp.to(torch.float16 if dtype == "fp16" else torch.float32)
+    dummy = torch.zeros(2, *input_shape(fp), dtype=next(fp.parameters()).dtype)
+    return onnx_routes.route(onnx_routes.DEFAULT_ROUTE).trace(fp, dummy, 18, True)
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
