@@ -96,6 +96,7 @@ def main(argv=None) -> int:
                 print(name, mode, row["modes"][mode], flush=True)
         results["students"][name] = row
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "attention_modes.json").write_text(json.dumps(results, indent=2))
     (out / "attention_modes.md").write_text(markdown(results))
     print((out / "attention_modes.md").read_text())

@@ -93,7 +93,7 @@ class HeadIRMNorm(IRMNorm):
 
 def head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """The 'head' IRM: normalised over the last two axes (tokens x head_dim), then gamma and beta per channel
-    (HeadIRMNorm and its export form onnx_export.HeadNorm both compute it here). The normalised shape is taken as
+    (HeadIRMNorm computes it here; its export form is onnx_export.PairedIRM). The normalised shape is taken as
     plain ints: TorchScript's tracer would otherwise record it as computed from the input, which its ONNX
     LayerNormalization cannot take (tokens and head_dim are fixed by the model; only the batch varies)."""
     shape = (int(x.shape[-2]), int(x.shape[-1]))
@@ -156,6 +156,12 @@ class QuantAttentionMixin:
         return getattr(self, "q_bias", None) is not None and isinstance(qkv, QuantLinear) \
             and (qkv.weight_quantizer.enabled or qkv.input_quantizer.enabled)
 
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """IRM on q and k: each through its own norm, or both through one ``qk_norm`` where the export set one
+        (onnx_export.PairedIRM, the same maths as one op)."""
+        paired = getattr(self, "qk_norm", None)
+        return paired(q, k) if paired is not None else (self.q_norm(q), self.k_norm(k))
+
     def output_reader(self) -> str | None:
         """The name, under this module, of the activation quantizer that reads the attention's output: the output
         projection's input quantizer (every family's ``proj``); None where the output is not quantized there."""
@@ -179,7 +185,7 @@ class QuantAttentionMixin:
         (``position``: (q, k) → (q, k), e.g. EVA's rotary embedding) and to the scores before the softmax
         (``add_bias``: position bias, shifted-window mask); ``scale`` None means no scale (Swin V2's cosine
         attention scales the scores in ``add_bias``)."""
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.normalize_qk(q, k)
         if position is not None:
             q, k = position(q, k)
         q = self.q_quantizer(q if self.scale is None else q * self.scale)

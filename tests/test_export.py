@@ -103,15 +103,16 @@ def test_graph_form_follows_tensorrt_rules(photo_exports):
     transpose = users[after[0].output[0]]
     assert [u.op_type for u in transpose] == ["Transpose"]
     assert [u.op_type for u in users[transpose[0].output[0]]] == ["Reshape"]
-    # IRM: LayerNormalization on q (over the axes of the default variant), then only per-channel affine maps and
-    # the folded attention scale (Mul/Add), then q's quantizer
+    # IRM: one LayerNormalization on q and k stacked along the heads (over the axes of the default variant), q's
+    # slice of it, then only per-channel affine maps and the folded attention scale (Mul/Add), then q's quantizer
     node = producers[producers[nodes["blocks.0.attn.q_quantizer/QuantizeLinear"].input[0]].input[0]]
     affine = []
-    while node.op_type in ("Mul", "Add"):
+    while node.op_type in ("Mul", "Add", "Slice", "Split"):
         affine.append(node.op_type)
         node = producers[node.input[0]]
-    assert node.op_type == "LayerNormalization" and "Mul" in affine and len(affine) <= 3, affine
+    assert node.op_type == "LayerNormalization" and "Mul" in affine and len(affine) <= 4, affine
     assert {a.name: a.i for a in node.attribute}["axis"] == {"token": -1, "head": -2}[DEFAULT_IRM]
+    assert producers[node.input[0]].op_type == "Concat"  # q and k: one normalisation (onnx_export.PairedIRM)
     assert graph.opset_import[0].version == 17
 
 

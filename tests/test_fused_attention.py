@@ -92,6 +92,34 @@ def test_parity_compares_the_form_the_graph_records(small_models, tmp_path):
         assert all(q.match_percent >= 99.9 and q.max_lsb <= 1 for q in report.quantizers.values()), mode
 
 
+@pytest.mark.parametrize("variant", ["token", "head", "blend"])
+@pytest.mark.parametrize("stats", ["layernorm", "decomposed", "fp16"])
+def test_paired_irm_is_each_norm_on_its_own(variant, stats):
+    """q and k normalised as one op give what their own norms give: within
+    float rounding (the affine outside the normalisation, as the graph writes it), within FP16 rounding for the
+    FP16 form."""
+    from qvit_export.layers import IRM_NORMS
+    from qvit_export.onnx_export import PairedIRM
+
+    torch.manual_seed(0)
+    q_norm, k_norm = IRM_NORMS[variant](16), IRM_NORMS[variant](16)
+    for norm in (q_norm, k_norm):
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 2.0)
+            norm.bias.uniform_(-1.0, 1.0)
+            if variant == "blend":
+                norm.blend.uniform_(0.2, 0.8)
+    q, k = torch.randn(2, 3, 10, 16) * 3 + 1, torch.randn(2, 3, 10, 16) * 0.5 - 2
+    dtype = torch.float16 if stats == "fp16" else torch.float32
+    paired = PairedIRM(q_norm, k_norm, stats).to(dtype)
+    got = paired(q.to(dtype), k.to(dtype))
+    with torch.no_grad():
+        want = q_norm(q), k_norm(k)
+    tolerance = {"layernorm": 2e-6, "decomposed": 1e-5, "fp16": 2e-2}[stats]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype and (g.float() - w).abs().max().item() <= tolerance
+
+
 def test_an_unknown_attention_mode_is_refused_in_one_line():
     from qvit_export import QvitError
 
