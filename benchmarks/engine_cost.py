@@ -169,8 +169,10 @@ def markdown(results: dict) -> str:
                 ratio = f"{mb['total'] / base['cost']['mb']['total']:.2f}" if base else "-"
                 ms = [f"{e['estimated_ms'][n]:.3f} ({e['estimated_ms'][n] / base['estimated_ms'][n]:.2f})" if base
                       else f"{e['estimated_ms'][n]:.3f}" for n in names]
-                att = e["attention"] or {"fused": 0, "blocks": 0}
-                lines.append(f"| {row} | {e['kernels']} | {att['fused']}/{att['blocks']} | {mb['total']:.1f} | {ratio} | "
+                att = e["attention"] or {}
+                fused = f"{att['fused']}/{att['blocks']}" if att.get("blocks") else \
+                    f"{e['cost']['fused_attention_kernels']} kernels"  # a float model: no quantized attention to name
+                lines.append(f"| {row} | {e['kernels']} | {fused} | {mb['total']:.1f} | {ratio} | "
                              f"{mb['weights']:.1f} | {mb['activations']:.1f} | {mb['fp32_activations']:.1f} | "
                              f"{gops.get('Int8', 0):.2f} | {gops.get('Half', 0):.2f} | " + " | ".join(ms) + " |")
             lines.append("")
