@@ -70,3 +70,23 @@ def test_eval_onnx_matches_checkpoint(w4a4_ckpt, tmp_path, figures):
     assert abs(results["--ckpt"]["top1"] - results["--onnx"]["top1"]) <= 0.1
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in one_error_line(run("qvit_eval", "--engine", tmp_path / "any.plan"))
+
+
+def test_cost_batch_reads_the_plan_cost_beside_the_fp16_model(w4a4_ckpt, tmp_path):
+    """--cost-batch 1 on a dynamic plan: one more build at batch 1 and the FP16 float model's at 1; the build report
+    holds both costs and their ratios, and the command prints them as one line."""
+    plan = tmp_path / "w4a4.plan"
+    r = run("qvit_export", "--ckpt", w4a4_ckpt, "--engine", plan, "--dtype", "fp16", "--target", "tensorrt-rtx",
+            "--compute-capability", "sm89", "--cost-batch", 1, "--no-parity")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cost = json.loads(plan.with_suffix(".build.json").read_text())["cost"]
+    assert cost["batch"] == 1 and cost["fused_attention_kernels"] == DEMO_KWARGS["depth"]
+    assert cost["fp16"]["kernels"] > 0 and cost["vs_fp16"]["mb"] == round(cost["mb"]["total"] / cost["fp16"]["mb"]["total"], 4)
+    assert cost["vs_fp16"]["mb"] < 1  # INT8 weights and a fused attention move less than the FP16 model
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("cost: "))
+    assert "÷ FP16" in line and "rtx4090" in line and "l4" in line
+
+
+def test_cost_batch_without_an_engine_is_refused(w4a4_ckpt, tmp_path):
+    error = one_error_line(run("qvit_export", "--ckpt", w4a4_ckpt, "--onnx", tmp_path / "x.onnx", "--cost-batch", 1))
+    assert error == "error: --cost-batch configures the engine build: add --engine PLAN, or drop --cost-batch"

@@ -159,7 +159,8 @@ def _guard(name, fp, quantized: dict, tmp_path, figures) -> None:
         figures(f"{name} W{bits}A{bits} int8 SM89 b1: {summary_line(a)}; {cost['mb']['total']:.1f} MB moved against "
                 f"FP16's {base_mb:.1f} ({base['anatomy']['summary']['kernels']} kernels)")
         blocks = a["attention"]["blocks"]
-        assert blocks > 0 and a["attention"]["fused"] == min(blocks, base["cost"]["fused_attention_kernels"]), \
+        # at least wherever the FP16 plan fuses (Swin-T's FP16 plan at batch 1 fuses 2 of its 12 window attentions)
+        assert blocks > 0 and a["attention"]["fused"] >= min(blocks, base["cost"]["fused_attention_kernels"]), \
             a["attention"]["unfused"][:3]
         assert a["summary"]["float_gemms"] == a["summary"]["unmatched"] == 0
         assert cost["mb"]["total"] < base_mb
