@@ -41,7 +41,8 @@ ablation: install
 	$(PY) benchmarks/ablation_long.py
 
 # CPU runtimes side by side (ONNX Runtime, OpenVINO): the full table, or a few minutes' re-measure of deit_small's ratios
-# against benchmarks/results/runtimes_baseline.json that names every ratio now worse than its baseline.
+# against benchmarks/results/runtimes_baseline.json that names every ratio now worse than its baseline; then deit_small's
+# TensorRT-RTX plans rebuilt against benchmarks/results/engine_cost_baseline.json (kernels, fused attention, MB moved).
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[dev,trt-rtx,bench]'
 	touch $@
@@ -51,6 +52,7 @@ bench: $(VENV)/.bench data
 
 bench-check: $(VENV)/.bench data
 	$(PY) benchmarks/runtimes.py --check
+	$(PY) benchmarks/engine_cost.py --check
 
 # Issue 24's deep probe: its teacher alone, or the whole queue (teachers, the bottleneck runs, the ablation; one
 # worker; start a second one beside it, with one thread each, to use two cores). The PTQ bottleneck tables alone.

@@ -14,6 +14,13 @@ pairs. Writes engine_cost.{md,json,png}; a run goes on from the JSON it finds (o
 
 Estimates, not timings: no GPU here runs a TensorRT-RTX plan (docs/results.md says how far off the estimate is
 from published measurements).
+
+    .venv/bin/python benchmarks/engine_cost.py --check            # make bench-check: rebuild the baseline's plans
+    .venv/bin/python benchmarks/engine_cost.py --update-baseline  # rewrite benchmarks/results/engine_cost_baseline.json
+
+The baseline holds deit_small's SM89 batch-1 plans (FP16, int8 W8A8 IRM off and head, W4A4 fused): kernels, fused
+attention blocks and MB moved. They are read from the plan, not timed, so ``--check`` allows no tolerance: a plan
+with more kernels, fewer fused blocks or more bytes than its baseline is named, and the exit code is 1.
 """
 from __future__ import annotations
 
@@ -84,11 +91,23 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", nargs="+", default=["sm89"])
     parser.add_argument("--plans", nargs="+", default=[p[0] for p in PLANS])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--check", action="store_true", help="rebuild the baseline's plans and compare (no tolerance)")
+    parser.add_argument("--update-baseline", action="store_true", help="rewrite the baseline from the results")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import tensorrt_rtx_bindings as trt
 
+    if args.check:  # fresh builds in a scratch folder, the committed results untouched
+        import shutil
+
+        scratch = Path(tempfile.mkdtemp(prefix="engine-cost-check-"))
+        try:
+            main(["--models", *CHECK["models"], "--plans", *CHECK["plans"], "--batches", "1", "--targets", "sm89",
+                  "--out", str(scratch)])
+            return check(json.loads((scratch / "engine_cost.json").read_text()))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     path = out / "engine_cost.json"
     results = json.loads(path.read_text()) if path.is_file() else {"models": {}}
     results |= {"date": date.today().isoformat(), "tensorrt_rtx": trt.__version__, "graph_dtype": "fp16",
@@ -133,7 +152,54 @@ def main(argv=None) -> int:
     (out / "engine_cost.md").write_text(markdown(results))
     plot(results, out / "engine_cost.png")
     print((out / "engine_cost.md").read_text())
+    if args.update_baseline:
+        BASELINE.write_text(json.dumps({"date": results["date"], "tensorrt_rtx": results["tensorrt_rtx"],
+                                        "plans": baseline_figures(results)}, indent=2) + "\n")
+        print(f"baseline written: {BASELINE.name}")
     return 0
+
+
+BASELINE = Path(__file__).resolve().parent / "results" / "engine_cost_baseline.json"
+CHECK = {"models": ["deit_small"], "plans": ["fp16", "int8 W8A8 irm-off", "int8 W8A8 irm-head", "int8 W4A4 fused"],
+         "column": "sm89 b1"}
+
+
+def baseline_figures(results: dict) -> dict[str, dict]:
+    """{model/plan: {kernels, fused, mb}} of the baseline's plans in ``results``."""
+    out = {}
+    for key in CHECK["models"]:
+        for row in CHECK["plans"]:
+            e = results["models"].get(key, {}).get(row, {}).get(CHECK["column"])
+            if e and "error" not in e:
+                att = e["attention"] or {}
+                fused = att["fused"] if att.get("blocks") else e["cost"]["fused_attention_kernels"]
+                out[f"{key}/{row}"] = {"kernels": e["kernels"], "mb": round(e["cost"]["mb"]["total"], 3), "fused": fused}
+    return out
+
+
+def check(results: dict) -> int:
+    """1 if any plan of the baseline got more kernels, fewer fused attention blocks or more bytes than it had."""
+    if not BASELINE.is_file():
+        print(f"no baseline at {BASELINE.name}: run with --update-baseline first", file=sys.stderr)
+        return 1
+    base, now = json.loads(BASELINE.read_text())["plans"], baseline_figures(results)
+    worse = []
+    for name, b in base.items():
+        n = now.get(name)
+        if n is None:
+            worse.append(f"{name}: not built")
+            continue
+        for key, bad in (("kernels", n["kernels"] > b["kernels"]), ("fused", n["fused"] < b["fused"]),
+                         ("mb", n["mb"] > b["mb"] * 1.001)):
+            if bad:
+                worse.append(f"{name}: {key} {n[key]} (baseline {b[key]})")
+        print(f"{name}: {n['kernels']} kernels (baseline {b['kernels']}), {n['fused']} fused ({b['fused']}), "
+              f"{n['mb']} MB ({b['mb']})")
+    for line in worse:
+        print("WORSE  " + line)
+    if not worse:
+        print("no plan is worse than its baseline")
+    return 1 if worse else 0
 
 
 def _fp16(rows: dict, column: str) -> dict | None:

@@ -60,7 +60,10 @@ def test_export_int4_weight_only_and_eval(w4a4_ckpt, tmp_path, figures):
 
 def test_eval_onnx_matches_checkpoint(w4a4_ckpt, tmp_path, figures):
     onnx_path = tmp_path / "m.onnx"
-    assert run("qvit_export", "--ckpt", w4a4_ckpt, "--onnx", onnx_path, "--no-parity").returncode == 0
+    # the trained maths exactly (--attention exact); what the default fused attention changes is measured in
+    # benchmarks/attention_modes.py, and parity checks either form against the model as the graph deploys it
+    assert run("qvit_export", "--ckpt", w4a4_ckpt, "--onnx", onnx_path, "--no-parity", "--attention", "exact"
+               ).returncode == 0
     results = {}
     for flag, src in (("--ckpt", w4a4_ckpt), ("--onnx", onnx_path)):
         r = run("qvit_eval", flag, src, "--limit", 2000, "--json", tmp_path / f"{flag[2:]}.json")
