@@ -175,8 +175,9 @@ def test_demo_plans_fuse_attention_and_move_less_than_fp16(small_models, tmp_pat
     _guard("demo", create_model(DEMO_MODEL, **DEMO_KWARGS).eval(), small_models[0], tmp_path, figures)
 
 
-# EVA-02 (IRM head, RoPE between IRM and the q/k quantizers, gated MLP) is the known gap: attention fuses 12/12, but
-# its W8A8 plan moved 68.9 MB against the FP16 plan's 61.9 (174 kernels against 113; 2026-12-08); the bound keeps
+# EVA-02 with IRM head (RoPE between IRM and the q/k quantizers) is the known gap: attention fuses 12/12, but
+# its W8A8 plan moved 68.9 MB against the FP16 plan's 61.9 (174 kernels against 113; without IRM 112 kernels and
+# 47.4 MB, benchmarks/results/engine_cost.md; 2026-12-08); the bound keeps
 # it from getting worse until the gap is closed.
 @pytest.mark.slow
 @pytest.mark.parametrize("name,kwargs,max_mb_ratio", [
