@@ -129,33 +129,30 @@ def test_an_unknown_attention_mode_is_refused_in_one_line():
 
 # ---- real plans --------------------------------------------------------------------------------------
 
-def _plan(path, tmp_path, batch=1) -> dict:
+def _plan(path, batch=1) -> dict:
     from qvit_export.engine import build_plan
 
     return build_plan(path, "tensorrt-rtx", "sm89", fixed_batch=batch, progress=False)[1]
 
 
-def _fp16_plan(fp, tmp_path, name) -> dict:
-    import sys
-    from pathlib import Path
+def _fp16_plan(qm, tmp_path, name) -> dict:
+    """The plan of the float model ``qm`` replaces (onnx_export.float_baseline, as --cost-batch builds it)."""
+    from qvit_export.onnx_export import float_baseline
+    from qvit_export.onnx_graph import save_atomic
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from export_bench import export_fp
-    from qvit_export.timm_models import input_shape
-
-    return _plan(export_fp(fp, tmp_path / f"{name}_fp16.onnx", torch.float16, input_shape(fp)), tmp_path)
+    return _plan(save_atomic(float_baseline(qm), tmp_path / f"{name}_fp16.onnx"))
 
 
-def _guard(name, fp, quantized: dict, tmp_path, figures, max_mb_ratio: float = 1.0) -> None:
+def _guard(name, quantized: dict, tmp_path, figures, max_mb_ratio: float = 1.0) -> None:
     """Each quantized model's default export in FP16 against the FP16 float model's plan, SM89, batch 1: fused
     attention wherever FP16's is, and bytes moved below ``max_mb_ratio`` times FP16's."""
     from qvit_export.anatomy import summary_line
 
-    base = _fp16_plan(fp, tmp_path, name)
+    base = _fp16_plan(next(iter(quantized.values())), tmp_path, name)
     base_mb = base["cost"]["mb"]["total"]
     for bits, qm in quantized.items():
         path = export_onnx(qm, tmp_path / f"{name}_w{bits}.onnx", ExportOptions(dtype="fp16"))
-        report = _plan(path, tmp_path)
+        report = _plan(path)
         a, cost = report["anatomy"], report["cost"]
         figures(f"{name} W{bits}A{bits} int8 SM89 b1: {summary_line(a)}; {cost['mb']['total']:.1f} MB moved against "
                 f"FP16's {base_mb:.1f} ({base['anatomy']['summary']['kernels']} kernels)")
@@ -169,10 +166,7 @@ def _guard(name, fp, quantized: dict, tmp_path, figures, max_mb_ratio: float = 1
 
 @pytest.mark.slow
 def test_demo_plans_fuse_attention_and_move_less_than_fp16(small_models, tmp_path, figures):
-    from qvit_export.demo import DEMO_KWARGS, DEMO_MODEL
-
-    torch.manual_seed(0)
-    _guard("demo", create_model(DEMO_MODEL, **DEMO_KWARGS).eval(), small_models[0], tmp_path, figures)
+    _guard("demo", small_models[0], tmp_path, figures)
 
 
 # EVA-02 with IRM head (RoPE between IRM and the q/k quantizers) is the known gap: attention fuses 12/12, but
@@ -191,7 +185,7 @@ def test_family_plans_fuse_attention_and_move_less_than_fp16(name, kwargs, max_m
     images = photo_batch(fp)
     quantized = {bits: calibrate(quantize(fp, QuantConfig(w_bits=bits, a_bits=bits, irm="head")), [images],
                                  irm_steps=0, progress=False) for bits in (8, 4)}
-    _guard(name, fp, quantized, tmp_path, figures, max_mb_ratio)
+    _guard(name, quantized, tmp_path, figures, max_mb_ratio)
 
 
 @pytest.mark.slow
